@@ -1,0 +1,1 @@
+../sidecar/schema.sql

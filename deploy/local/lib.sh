@@ -1,0 +1,61 @@
+# Shared by deploy/local/test.sh and deploy/local/demo.sh: install what a fresh Debian/Ubuntu
+# machine lacks (PostgreSQL, Redis, nginx, a virtualenv with the package). Source, don't run.
+
+# shellcheck shell=bash
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+VENV="$ROOT/.venv"
+PYTHON="${PYTHON:-python3}"
+
+say() { printf '==> %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+  else say "need root (or sudo) to run: $*"; return 1
+  fi
+}
+
+pg_bindir() {
+  local d
+  d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  if [ -n "$d" ] && [ -x "$d/initdb" ]; then echo "$d"; return 0; fi
+  command -v initdb >/dev/null 2>&1 && dirname "$(command -v initdb)" && return 0
+  return 1
+}
+
+nginx_bin() { command -v nginx 2>/dev/null || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; }; }
+
+# ensure_system_packages [with-nginx]: install the servers the tests or the demo start.
+ensure_system_packages() {
+  local missing=()
+  pg_bindir >/dev/null || missing+=(postgresql postgresql-contrib)
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+  if [ "${1:-}" = with-nginx ] && [ -z "$(nginx_bin)" ]; then missing+=(nginx-light); fi
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null
+  fi
+  # The Debian packages try to start system-wide services; we never use them.
+  pg_bindir >/dev/null || { say "PostgreSQL binaries still missing"; return 1; }
+}
+
+# ensure_venv [extras]: a .venv with the package installed in editable mode.
+ensure_venv() {
+  local extras="${1:-}"
+  if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    say "Python 3.11 or newer is required ($PYTHON is $("$PYTHON" --version 2>&1))"; return 1
+  fi
+  if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV"
+    "$PYTHON" -m venv "$VENV" 2>/dev/null || {
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+      as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+      "$PYTHON" -m venv "$VENV"
+    }
+  fi
+  say "installing the package into $VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT${extras:+[$extras]}"
+}

@@ -1,0 +1,186 @@
+"""Command line: `sidecar serve | check-config | schema | token` (SPEC 12)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.resources
+import logging
+import secrets
+import signal
+import sys
+import uuid
+from collections.abc import Sequence
+
+import asyncpg
+from aiohttp import web
+
+from sidecar import __version__
+from sidecar.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("sidecar")
+
+
+def schema_sql() -> str:
+    return importlib.resources.files("sidecar").joinpath("schema.sql").read_text()
+
+
+def _settings_or_exit() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print("invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+async def _serve(settings: Settings) -> None:
+    from sidecar.app import create_app, create_ops_app
+    from sidecar.logs import AccessLogger
+
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app, access_log_class=AccessLogger, shutdown_timeout=settings.shutdown_grace,
+        handle_signals=False,
+    )
+    await runner.setup()
+    ops_runner = web.AppRunner(create_ops_app(app), access_log=None, handle_signals=False)
+    await ops_runner.setup()
+    try:
+        await web.TCPSite(runner, settings.listen.host, settings.listen.port,
+                          backlog=2048).start()
+        await web.TCPSite(ops_runner, settings.ops_listen.host, settings.ops_listen.port).start()
+        log.info("listening", extra={"fields": {
+            "listen": str(settings.listen), "ops_listen": str(settings.ops_listen),
+            "mode": "proxy" if settings.upstream_url else "decision-only",
+            "version": __version__,
+        }})
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("shutting down", extra={"fields": {"grace_s": settings.shutdown_grace}})
+    finally:
+        # Main first: stop accepting, let in-flight requests finish (bounded by the grace),
+        # then the cleanup contexts flush last-used writes and close pools.
+        await runner.cleanup()
+        await ops_runner.cleanup()
+    log.info("stopped")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from sidecar.logs import setup_logging
+
+    settings = _settings_or_exit()
+    setup_logging(settings.log_level)
+    asyncio.run(_serve(settings))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings_or_exit()
+    for key, value in settings.redacted().items():
+        print(f"{key}={value}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    sql = schema_sql()
+    if not args.apply:
+        print(sql)
+        return 0
+    settings = _settings_or_exit()
+
+    async def apply() -> None:
+        conn = await asyncpg.connect(settings.database_url.get_secret_value())
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(apply())
+    print("schema applied", file=sys.stderr)
+    return 0
+
+
+def _uuid_or_none(value: str | None) -> str | None:
+    if value is None:
+        return None
+    return str(uuid.UUID(value))
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from sidecar.metrics import Metrics
+    from sidecar.store import PostgresTokenStore
+
+    settings = _settings_or_exit()
+    store = PostgresTokenStore(
+        settings.database_url.get_secret_value(), metrics=Metrics(),
+        token_hash=settings.token_hash, pool_size=1,
+    )
+
+    async def run() -> int:
+        await store.open()
+        try:
+            if args.token_cmd == "create":
+                token = f"{args.scope}-{secrets.token_urlsafe(24)}"
+                row_id = await store.insert_token(
+                    token, args.scope, _uuid_or_none(args.tenant_id), _uuid_or_none(args.app_id)
+                )
+                print(f"token id: {row_id}", file=sys.stderr)
+                print(token)
+                return 0
+            token = sys.stdin.readline().strip()
+            if not token:
+                print("no token on standard input", file=sys.stderr)
+                return 2
+            deleted = await store.delete_token(token, args.scope)
+            print(f"revoked {deleted} token row(s)", file=sys.stderr)
+            return 0 if deleted else 1
+        finally:
+            await store.close()
+
+    return asyncio.run(run())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidecar",
+        description="API-key authentication sidecar. Settings come from SIDECAR_* environment "
+        "variables and an optional .env file (see config/sidecar.env.example).",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    p = sub.add_parser("serve", help="run the proxy/decision listener and the ops listener")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("check-config", help="validate settings and print them, secrets redacted")
+    p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("schema", help="print (or apply) the token table schema and triggers")
+    p.add_argument("--apply", action="store_true", help="apply it to SIDECAR_DATABASE_URL")
+    p.set_defaults(func=cmd_schema)
+    p = sub.add_parser("token", help="create or revoke tokens")
+    tsub = p.add_subparsers(dest="token_cmd", required=True)
+    c = tsub.add_parser("create", help="create a token and print it once on standard output")
+    c.add_argument("--scope", required=True, help="token type, e.g. app or dataset")
+    c.add_argument("--tenant-id", help="tenant uuid")
+    c.add_argument("--app-id", help="app uuid")
+    c.set_defaults(func=cmd_token)
+    r = tsub.add_parser("revoke", help="delete the token read from standard input "
+                        "(never pass tokens as arguments: they show in process lists)")
+    r.add_argument("--scope", help="only the row of this scope (default: every scope)")
+    r.set_defaults(func=cmd_token)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        args = parser.parse_args(["serve", *(argv or [])])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

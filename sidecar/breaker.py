@@ -1,0 +1,64 @@
+"""A small circuit breaker: while a dependency is down, only one probe per back-off period.
+
+Rule: `allow()` is cheap and synchronous, so the hot path can ask it before every call to the
+dependency without awaiting anything.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+
+class CircuitBreaker:
+    def __init__(
+        self,
+        *,
+        base_delay: float = 0.5,
+        max_delay: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self._clock = clock
+        self._on_change = on_change
+        self._failures = 0
+        self._retry_at = 0.0
+        self._probing = False
+        self._probe_started = 0.0
+
+    @property
+    def is_open(self) -> bool:
+        return self._failures > 0
+
+    def allow(self) -> bool:
+        """True when a call may be made now: always while closed, one probe at a time when open."""
+        if self._failures == 0:
+            return True
+        now = self._clock()
+        # A probe whose caller vanished (cancelled) must not keep the circuit shut forever.
+        if self._probing and now - self._probe_started < self.max_delay:
+            return False
+        if now < self._retry_at:
+            return False
+        self._probing = True
+        self._probe_started = now
+        return True
+
+    def success(self) -> None:
+        self._probing = False
+        if self._failures:
+            self._failures = 0
+            if self._on_change:
+                self._on_change(False)
+
+    def failure(self) -> None:
+        self._probing = False
+        self._failures += 1
+        delay = min(self.max_delay, self.base_delay * 2 ** min(self._failures - 1, 16))
+        # Jitter spreads the probes of many replicas that lost Redis at the same moment.
+        self._retry_at = self._clock() + delay * random.uniform(0.8, 1.2)  # noqa: S311
+        if self._failures == 1 and self._on_change:
+            self._on_change(True)

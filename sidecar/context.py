@@ -1,0 +1,30 @@
+"""Per-request facts the sidecar learns (scope, outcome, ids), for metrics and the access log."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    """What the sidecar learned about one request, for metrics and the access log."""
+
+    request_id: str = ""
+    scope: str | None = None
+    outcome: str | None = None
+    token_id: str | None = None
+    tenant_id: str | None = None
+    upstream_ms: float | None = None
+
+
+REQUEST_INFO = web.RequestKey("sidecar.request_info", RequestInfo)
+
+
+def info_of(request: web.BaseRequest) -> RequestInfo:
+    """The request's RequestInfo, created on first use."""
+    info = request.get(REQUEST_INFO)
+    if info is None:
+        info = request[REQUEST_INFO] = RequestInfo()
+    return info

@@ -1,0 +1,89 @@
+"""Every Prometheus metric of the sidecar, on a registry passed in (no module globals).
+
+Rule: label values come from small fixed sets (outcome, scope from the configured routes,
+tier, result, kind, status class). A token, a path or a tenant id is never a label value.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Auth decisions on the hot path are tens of microseconds; a store round trip is milliseconds.
+_AUTH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                 0.5, 1.0, 2.5, 5.0)
+_UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                     60.0, 120.0, 300.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "sidecar_requests", "Requests by outcome and required scope.",
+            ["outcome", "scope"], registry=r,
+        )
+        self.in_flight = Gauge(
+            "sidecar_in_flight_requests", "Requests being handled now.", registry=r
+        )
+        self.auth_latency = Histogram(
+            "sidecar_auth_duration_seconds", "Time to decide allow/deny for a request.",
+            ["outcome"], buckets=_AUTH_BUCKETS, registry=r,
+        )
+        self.cache_lookups = Counter(
+            "sidecar_cache_lookups", "Cache lookups by tier (l1, l2) and result "
+            "(hit, miss, negative, stale).", ["tier", "result"], registry=r,
+        )
+        self.singleflight_waits = Counter(
+            "sidecar_singleflight_waits",
+            "Lookups that waited for a lookup of the same token already in flight.",
+            ["scope"], registry=r,
+        )
+        self.lock_timeouts = Counter(
+            "sidecar_redis_lock_timeouts",
+            "Cross-replica lookup locks not acquired within their wait.", registry=r,
+        )
+        self.postgres_queries = Counter(
+            "sidecar_postgres_queries", "Postgres statements by kind.", ["kind"], registry=r
+        )
+        self.postgres_errors = Counter(
+            "sidecar_postgres_errors", "Failed Postgres statements by kind.", ["kind"], registry=r
+        )
+        self.redis_errors = Counter(
+            "sidecar_redis_errors", "Failed Redis operations by operation.", ["op"], registry=r
+        )
+        self.redis_circuit_open = Gauge(
+            "sidecar_redis_circuit_open",
+            "1 while Redis is considered down and only probed, else 0.", registry=r,
+        )
+        self.upstream_responses = Counter(
+            "sidecar_upstream_responses", "Upstream responses by status class (2xx..5xx) "
+            "or error (connect_error, timeout).", ["status_class"], registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "sidecar_upstream_duration_seconds",
+            "Time from sending the request upstream to receiving its response headers.",
+            buckets=_UPSTREAM_BUCKETS, registry=r,
+        )
+        self.invalidations = Counter(
+            "sidecar_invalidations", "Cache invalidations by source (notify, pubsub, admin).",
+            ["source"], registry=r,
+        )
+        self.last_used_pending = Gauge(
+            "sidecar_last_used_pending", "Token ids waiting for their last_used_at write.",
+            registry=r,
+        )
+        self.last_used_rows_flushed = Counter(
+            "sidecar_last_used_rows_flushed", "Rows whose last_used_at was written.", registry=r
+        )
+        self.last_used_flush_duration = Histogram(
+            "sidecar_last_used_flush_duration_seconds", "Duration of one last_used_at flush.",
+            registry=r,
+        )
+        self.last_used_flush_errors = Counter(
+            "sidecar_last_used_flush_errors", "Failed last_used_at flushes.", registry=r
+        )
+        self.last_used_dropped = Counter(
+            "sidecar_last_used_dropped",
+            "Token ids not recorded because the pending set was full.", registry=r,
+        )

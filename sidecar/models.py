@@ -1,0 +1,40 @@
+"""Value objects shared by every layer. No I/O here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """One row of the token table, as far as the sidecar cares.
+
+    `expires_at` is a naive UTC timestamp (as Dify stores times) or None.
+    """
+
+    id: str
+    tenant_id: str | None
+    app_id: str | None
+    scope: str
+    expires_at: datetime | None = None
+    disabled: bool = False
+
+    def usable_at(self, now_utc_naive: datetime) -> bool:
+        if self.disabled:
+            return False
+        return self.expires_at is None or self.expires_at > now_utc_naive
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What an allowed request is told about its caller (SPEC 5)."""
+
+    token_id: str
+    tenant_id: str
+    app_id: str
+    scope: str
+
+    @classmethod
+    def of(cls, record: TokenRecord) -> Identity:
+        return cls(record.id, record.tenant_id or "", record.app_id or "", record.scope)

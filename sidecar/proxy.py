@@ -1,0 +1,224 @@
+"""The Forwarder: streams an allowed request to the upstream and its response back (SPEC 6).
+
+Rules that hold here:
+1. Bodies are never read whole: the request body is handed to the client as a stream and the
+   response is copied chunk by chunk as it arrives (so SSE events pass one by one, and GiB
+   uploads and downloads use bounded memory).
+2. Failures before the upstream's response headers become `UpstreamUnavailable` (502) or
+   `UpstreamTimeout` (504). After the headers have been sent, the status can no longer change:
+   the client connection is cut instead, so a truncated body is never mistaken for a whole one.
+3. The client session does not decompress, follow redirects or keep cookies: the upstream's
+   bytes reach the client as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+from aiohttp import WSMsgType, web
+from multidict import CIMultiDict
+from yarl import URL
+
+from sidecar.context import info_of
+from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
+from sidecar.headers import downstream_response_headers, upstream_request_headers
+from sidecar.metrics import Metrics
+from sidecar.models import Identity
+
+log = logging.getLogger("sidecar.proxy")
+
+_WS_SKIP = frozenset({
+    "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
+    "sec-websocket-protocol", "sec-websocket-accept", "host", "content-length",
+})
+
+
+def _status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+class Forwarder:
+    def __init__(
+        self,
+        upstream_url: str,
+        *,
+        metrics: Metrics,
+        timeout: float,
+        connect_timeout: float,
+        max_connections: int,
+        hide_credentials: bool,
+        host_header: str | None,
+    ) -> None:
+        self.base = upstream_url.rstrip("/")
+        self.metrics = metrics
+        self.hide_credentials = hide_credentials
+        self.host_header = host_header
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, connect=None, sock_connect=connect_timeout, sock_read=timeout
+        )
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, limit_per_host=0, keepalive_timeout=30,
+            enable_cleanup_closed=True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self.timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("forwarder not started")
+        return self._session
+
+    @property
+    def address(self) -> tuple[str, int]:
+        url = URL(self.base)
+        return url.host or "", url.port or 80
+
+    def _url(self, path: str, query: str) -> URL:
+        return URL(self.base + path + (("?" + query) if query else ""), encoded=True)
+
+    async def forward(
+        self,
+        request: web.Request,
+        *,
+        path: str,
+        query: str,
+        identity: Identity | None,
+        trusted_peer: bool,
+        request_id: str,
+    ) -> web.StreamResponse:
+        headers = upstream_request_headers(
+            request.headers,
+            peer=request.remote,
+            trusted=trusted_peer,
+            scheme=request.scheme,
+            identity=identity,
+            hide_credentials=self.hide_credentials,
+            host_override=self.host_header,
+            request_id=request_id,
+        )
+        url = self._url(path, query)
+        if _is_websocket(request):
+            return await self._websocket(request, url, headers)
+
+        data = request.content if request.body_exists else None
+        started = time.perf_counter()
+        try:
+            upstream = await self.session.request(
+                request.method, url, headers=headers, data=data,
+                allow_redirects=False, compress=None,
+                chunked=None if "Content-Length" in headers or data is None else True,
+            )
+        except aiohttp.ConnectionTimeoutError:
+            self.metrics.upstream_responses.labels(status_class="connect_error").inc()
+            raise UpstreamUnavailable() from None
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            self.metrics.upstream_responses.labels(status_class="timeout").inc()
+            raise UpstreamTimeout() from None
+        except (aiohttp.ClientError, OSError) as exc:
+            self.metrics.upstream_responses.labels(status_class="connect_error").inc()
+            log.warning("upstream request failed: %s", type(exc).__name__)
+            raise UpstreamUnavailable() from None
+
+        elapsed = time.perf_counter() - started
+        info_of(request).upstream_ms = round(elapsed * 1000, 3)
+        self.metrics.upstream_latency.observe(elapsed)
+        self.metrics.upstream_responses.labels(status_class=_status_class(upstream.status)).inc()
+        async with upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            response.headers.extend(downstream_response_headers(upstream.headers))
+            response.headers["X-Request-Id"] = request_id
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                # Headers are out; cutting the connection is the only honest signal left.
+                log.warning("upstream body interrupted: %s", type(exc).__name__)
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            await response.write_eof()
+        return response
+
+    async def _websocket(
+        self, request: web.Request, url: URL, headers: CIMultiDict[str]
+    ) -> web.StreamResponse:
+        fwd = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _WS_SKIP)
+        protocols = tuple(
+            p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ())
+            for p in v.split(",") if p.strip()
+        )
+        try:
+            upstream_ws = await self.session.ws_connect(
+                url.with_scheme("wss" if url.scheme == "https" else "ws"),
+                headers=fwd, protocols=protocols, autoping=False, autoclose=False,
+                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            self.metrics.upstream_responses.labels(status_class=_status_class(exc.status)).inc()
+            raise UpstreamUnavailable() from None
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            self.metrics.upstream_responses.labels(status_class="connect_error").inc()
+            raise UpstreamUnavailable() from None
+        self.metrics.upstream_responses.labels(status_class="1xx").inc()
+
+        client_ws = web.WebSocketResponse(
+            protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
+            autoping=False, autoclose=False, max_msg_size=0,
+        )
+        await client_ws.prepare(request)
+
+        async def pump(
+            src: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+            dst: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
+        ) -> None:
+            async for msg in src:
+                if msg.type == WSMsgType.TEXT:
+                    await dst.send_str(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    await dst.send_bytes(msg.data)
+                elif msg.type == WSMsgType.PING:
+                    await dst.ping(msg.data)
+                elif msg.type == WSMsgType.PONG:
+                    await dst.pong(msg.data)
+                elif msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                    break
+            await dst.close(code=src.close_code or 1000)
+
+        tasks = [
+            asyncio.create_task(pump(client_ws, upstream_ws)),
+            asyncio.create_task(pump(upstream_ws, client_ws)),
+        ]
+        try:
+            _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await upstream_ws.close()
+            await client_ws.close()
+        return client_ws
+
+
+def _is_websocket(request: web.Request) -> bool:
+    upgrade = request.headers.get("Upgrade", "").lower()
+    connection = request.headers.get("Connection", "").lower()
+    return upgrade == "websocket" and "upgrade" in connection and request.method == "GET"

@@ -1,0 +1,36 @@
+"""The objects one sidecar is made of, kept on the Application under one typed key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from sidecar.auth import Authenticator
+from sidecar.headers import peer_trusted
+from sidecar.metrics import Metrics
+from sidecar.proxy import Forwarder
+from sidecar.rediscache import RedisCache
+from sidecar.routing import Router
+from sidecar.settings import Settings
+from sidecar.store import PostgresTokenStore
+from sidecar.usage import LastUsedQueue
+
+
+@dataclass
+class Services:
+    settings: Settings
+    metrics: Metrics
+    router: Router
+    store: PostgresTokenStore
+    redis: RedisCache | None
+    authenticator: Authenticator
+    forwarder: Forwarder | None
+    usage: LastUsedQueue
+
+    def is_trusted(self, peer: str | None) -> bool:
+        return peer_trusted(peer, self.settings.trusted_proxies)
+
+
+SERVICES = web.AppKey("sidecar.services", Services)
+

@@ -1,0 +1,247 @@
+"""Settings: the only module that reads the environment.
+
+Rules that hold here:
+1. Every setting is `SIDECAR_<FIELD>`; `config/sidecar.env.example` documents each one.
+2. Validation happens all at once, before anything starts (oauth2-proxy style): the caller
+   gets every problem in one go, each naming its variable.
+3. Secrets are `SecretStr`; nothing here ever formats a secret into a message.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from sidecar.routing import PublicRoute, ScopeRoute, parse_public_routes, parse_scope_routes
+
+ENV_PREFIX = "SIDECAR_"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_LISTEN_RE = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[^:\[\]]*):(?P<port>\d{1,5})$")
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_listen(value: str) -> Listen:
+    m = _LISTEN_RE.match(value.strip())
+    if not m:
+        raise ValueError("must be HOST:PORT, e.g. 0.0.0.0:8080 or [::]:8080")
+    port = int(m["port"])
+    if not 0 <= port <= 65535:
+        raise ValueError("port must be between 0 and 65535")
+    return Listen(m["host"].strip("[]") or "0.0.0.0", port)
+
+
+def parse_networks(value: str) -> tuple[IPNetwork, ...]:
+    nets = []
+    for item in value.split(","):
+        item = item.strip()
+        if item:
+            nets.append(ipaddress.ip_network(item, strict=False))
+    return tuple(nets)
+
+
+def redact_url(url: str) -> str:
+    """Replace the password of a DSN/URL with `***` (the user name stays: it helps debugging)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    # Listeners and upstream (SPEC 2, 6)
+    listen: Annotated[Listen, NoDecode] = Listen("0.0.0.0", 8080)
+    ops_listen: Annotated[Listen, NoDecode] = Listen("0.0.0.0", 9090)
+    upstream_url: str | None = None
+    upstream_host_header: str | None = None
+    upstream_timeout: float = Field(300.0, gt=0)
+    upstream_connect_timeout: float = Field(5.0, gt=0)
+    upstream_max_connections: int = Field(1000, ge=1)
+    trusted_proxies: Annotated[tuple[IPNetwork, ...], NoDecode] = parse_networks(
+        "127.0.0.1/32,::1/128"
+    )
+    hide_credentials: bool = False
+    shutdown_grace: float = Field(20.0, ge=0)
+
+    # Token store (SPEC 4)
+    database_url: SecretStr
+    database_pool_size: int = Field(10, ge=1)
+    database_timeout: float = Field(5.0, gt=0)
+    token_hash: Literal["plain", "sha256"] = "plain"
+    token_lookup_sql: str | None = None
+    max_token_length: int = Field(512, ge=1, le=8192)
+
+    # Routing (SPEC 3.2)
+    scope_routes: Annotated[tuple[ScopeRoute, ...], NoDecode] = parse_scope_routes("/=app")
+    public_routes: Annotated[tuple[PublicRoute, ...], NoDecode] = ()
+
+    # Cache tiers (SPEC 3.3)
+    redis_url: SecretStr | None = None
+    local_cache_size: int = Field(100_000, ge=0)
+    local_cache_ttl: float = Field(10.0, ge=0)
+    cache_ttl: int = Field(600, ge=1)
+    negative_cache_ttl: int = Field(60, ge=1)
+    stale_if_error: int = Field(300, ge=0)
+    redis_timeout: float = Field(0.5, gt=0)
+
+    # Last-used tracking (SPEC 8)
+    last_used_flush_interval: float = Field(10.0, gt=0)
+    last_used_min_age: float = Field(60.0, ge=0)
+    last_used_max_pending: int = Field(100_000, ge=1)
+
+    # Ops (SPEC 10, 13)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+
+    @field_validator("listen", "ops_listen", mode="before")
+    @classmethod
+    def _listen(cls, v: Any) -> Any:
+        return parse_listen(v) if isinstance(v, str) else v
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, v: Any) -> Any:
+        return parse_networks(v) if isinstance(v, str) else v
+
+    @field_validator("scope_routes", mode="before")
+    @classmethod
+    def _scopes(cls, v: Any) -> Any:
+        return parse_scope_routes(v) if isinstance(v, str) else v
+
+    @field_validator("public_routes", mode="before")
+    @classmethod
+    def _public(cls, v: Any) -> Any:
+        return parse_public_routes(v) if isinstance(v, str) else v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator("upstream_url", "upstream_host_header", "token_lookup_sql", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _upstream(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query string or fragment")
+        return v.rstrip("/")
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _dsn(cls, v: Any) -> Any:
+        raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if not isinstance(raw, str) or urlsplit(raw).scheme not in ("postgres", "postgresql"):
+            # Deliberately does not echo the value: it may hold a password.
+            raise ValueError("must be a postgresql:// URL")
+        return v
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _redis(cls, v: Any) -> Any:
+        raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None
+        if not isinstance(raw, str) or urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _lookup_sql(self) -> Settings:
+        sql = self.token_lookup_sql
+        if sql is not None and ("$1" not in sql or not sql.lstrip().lower().startswith("select")):
+            raise ValueError("SIDECAR_TOKEN_LOOKUP_SQL must be a SELECT that uses $1 (and $2)")
+        return self
+
+    @property
+    def scopes(self) -> frozenset[str]:
+        return frozenset(r.scope for r in self.scope_routes)
+
+    def redacted(self) -> dict[str, str]:
+        """Effective settings as `SIDECAR_*` -> printable value, secrets redacted."""
+        out: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            key = ENV_PREFIX + name.upper()
+            if name in ("database_url", "redis_url") and value is not None:
+                out[key] = redact_url(value.get_secret_value())
+            elif isinstance(value, SecretStr):
+                out[key] = "***"
+            elif isinstance(value, tuple):
+                out[key] = ",".join(str(x) for x in value)
+            elif value is None:
+                out[key] = ""
+            else:
+                out[key] = str(value)
+        return out
+
+
+class SettingsError(Exception):
+    """Every problem found in the configuration, one line each, secrets never included."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _variable(loc: tuple[int | str, ...]) -> str:
+    if not loc:
+        return "configuration"
+    return ENV_PREFIX + str(loc[0]).upper()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings from the environment (and .env); raise SettingsError listing every problem."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_input=False, include_url=False):
+            msg = err["msg"]
+            if err["type"] == "missing":
+                msg = "is required"
+            loc = err["loc"]
+            if not loc and msg.startswith("Value error, SIDECAR_"):
+                problems.append(msg.removeprefix("Value error, "))
+                continue
+            problems.append(f"{_variable(loc)}: {msg.removeprefix('Value error, ')}")
+        raise SettingsError(problems) from None

@@ -1,0 +1,169 @@
+"""The source of truth: token rows in Postgres, through an asyncpg pool.
+
+Rules that hold here:
+1. asyncpg and OS errors are converted once, here, into `StoreUnavailable` (httpx's
+   "map exceptions at the boundary"): callers never see a driver exception.
+2. A lookup is one statement. Its parameters are the token (or its SHA-256 when
+   `SIDECAR_TOKEN_HASH=sha256`) and the scope; the token itself is never logged.
+3. The pool starts empty (`min_size=0`), so a sidecar starts, and serves from caches, while
+   Postgres is still down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from sidecar.cache import token_digest
+from sidecar.errors import StoreUnavailable
+from sidecar.metrics import Metrics
+from sidecar.models import TokenRecord
+
+log = logging.getLogger("sidecar.store")
+
+DEFAULT_LOOKUP_SQL = (
+    "SELECT id, tenant_id, app_id, type FROM api_tokens"
+    " WHERE token = $1 AND type = $2 ORDER BY created_at DESC LIMIT 1"
+)
+
+# What "the database cannot answer" looks like from asyncpg: connection-level failures, server
+# shutdown or recovery, too many connections, timeouts. A syntax error in a custom lookup is not
+# among them: it is a configuration bug and must surface as an error, never as "invalid token".
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.QueryCanceledError,
+)
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    return str(value)
+
+
+def _naive_utc(value: Any) -> datetime | None:
+    if not isinstance(value, datetime):
+        return None
+    if value.tzinfo is not None:
+        return value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
+def record_from_row(row: asyncpg.Record) -> TokenRecord:
+    keys = row.keys()
+    return TokenRecord(
+        id=str(row["id"]),
+        tenant_id=_text(row["tenant_id"]),
+        app_id=_text(row["app_id"]),
+        scope=str(row["type"]),
+        expires_at=_naive_utc(row["expires_at"]) if "expires_at" in keys else None,
+        disabled=bool(row["disabled"]) if "disabled" in keys else False,
+    )
+
+
+class PostgresTokenStore:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        metrics: Metrics,
+        pool_size: int = 10,
+        timeout: float = 5.0,
+        token_hash: str = "plain",
+        lookup_sql: str | None = None,
+    ) -> None:
+        self._dsn = dsn
+        self.metrics = metrics
+        self.pool_size = pool_size
+        self.timeout = timeout
+        self.hash_tokens = token_hash == "sha256"
+        self.lookup_sql = lookup_sql or DEFAULT_LOOKUP_SQL
+        self.lookups = 0
+        self.ever_connected = False
+        self._pool: asyncpg.Pool | None = None
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise RuntimeError("store not opened")
+        return self._pool
+
+    async def open(self) -> None:
+        self._pool = await asyncpg.create_pool(
+            self._dsn,
+            min_size=0,
+            max_size=self.pool_size,
+            timeout=self.timeout,
+            command_timeout=self.timeout,
+            max_inactive_connection_lifetime=300,
+            server_settings={"application_name": "apikey-sidecar"},
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            try:
+                await asyncio.wait_for(self._pool.close(), timeout=5)
+            except UNAVAILABLE_ERRORS:
+                self._pool.terminate()
+            self._pool = None
+
+    async def lookup(self, token: str, scope: str) -> TokenRecord | None:
+        """The row for (token, scope), None when there is none. Raises StoreUnavailable."""
+        key = token_digest(token) if self.hash_tokens else token
+        self.lookups += 1
+        self.metrics.postgres_queries.labels(kind="lookup").inc()
+        try:
+            row = await self.pool.fetchrow(self.lookup_sql, key, scope, timeout=self.timeout)
+        except UNAVAILABLE_ERRORS as exc:
+            self.metrics.postgres_errors.labels(kind="lookup").inc()
+            raise StoreUnavailable(type(exc).__name__) from None
+        except asyncpg.DataError:
+            # e.g. a custom lookup comparing the token to a uuid column: such a token cannot exist.
+            return None
+        self.ever_connected = True
+        return record_from_row(row) if row is not None else None
+
+    async def ping(self) -> bool:
+        try:
+            await self.pool.fetchval("SELECT 1", timeout=min(self.timeout, 2.0))
+        except UNAVAILABLE_ERRORS:
+            return False
+        self.ever_connected = True
+        return True
+
+    async def insert_token(
+        self, token: str, scope: str, tenant_id: str | None, app_id: str | None
+    ) -> str:
+        """Store a new token (plain or hashed per settings); returns its row id."""
+        stored = token_digest(token) if self.hash_tokens else token
+        row_id = await self.pool.fetchval(
+            "INSERT INTO api_tokens (app_id, tenant_id, type, token) VALUES ($1, $2, $3, $4)"
+            " RETURNING id",
+            uuid.UUID(app_id) if app_id else None,
+            uuid.UUID(tenant_id) if tenant_id else None,
+            scope,
+            stored,
+        )
+        return str(row_id)
+
+    async def delete_token(self, token: str, scope: str | None) -> int:
+        stored = token_digest(token) if self.hash_tokens else token
+        if scope is None:
+            result = await self.pool.execute("DELETE FROM api_tokens WHERE token = $1", stored)
+        else:
+            result = await self.pool.execute(
+                "DELETE FROM api_tokens WHERE token = $1 AND type = $2", stored, scope
+            )
+        return int(result.split()[-1])

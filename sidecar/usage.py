@@ -1,0 +1,346 @@
+"""`last_used_at` write-behind (SPEC 8): record on the request path, write in batches later.
+
+Rules that hold here:
+1. `record()` is the only thing the request path calls. It is synchronous, O(1), never awaits
+   and never raises: a bookkeeping problem must not turn an allowed request into an error.
+2. At most one pending entry per token id, holding the latest time seen. Rows written per
+   flush are therefore bounded by distinct tokens used, not by requests.
+3. Pending ids are bounded by `max_pending`. A full queue still refreshes ids it already holds;
+   only new ids are dropped, and every drop is counted.
+4. An entry leaves the queue only when the writer confirmed its batch. A failed (or cancelled)
+   flush merges its batch back, keeping the later time per id; ids recorded meanwhile take
+   precedence for the free room, so the bound of rule 3 holds across failures.
+5. The database only ever moves `last_used_at` forward: the UPDATE compares with the stored
+   value, so replicas flushing overlapping batches in any order cannot move it back.
+6. Times are naive UTC (Dify's `timestamp` column); aware datetimes are converted on entry.
+7. Logs carry counts and the error class/message only, never a token id.
+
+Everything here runs on one event loop; nothing is thread-safe and nothing needs to be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from sidecar.metrics import Metrics
+
+_log = logging.getLogger("sidecar.usage")
+
+# A table name is put into the SQL text (identifiers cannot be parameters). Only plain,
+# optionally schema-qualified names are accepted; they are not quoted so that the statement
+# reads `UPDATE api_tokens ...` in pg_stat_statements and Postgres logs.
+_TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+
+# Error messages of drivers can be long (server detail, hints); a log line needs the gist.
+_MAX_ERROR_MESSAGE = 200
+
+
+class LastUsedWriter(Protocol):
+    async def write_last_used(self, batch: Sequence[tuple[str, datetime]]) -> int:
+        """Write one batch of (token row id, naive UTC time); return rows updated.
+
+        Raises on failure; the caller keeps the batch and retries it later.
+        """
+        ...
+
+
+def utc_now_naive() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _naive_utc(at: datetime) -> datetime:
+    if at.tzinfo is None:
+        return at
+    return at.astimezone(UTC).replace(tzinfo=None)
+
+
+def retry_delay(
+    failures: int,
+    *,
+    interval: float,
+    cap: float,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Seconds to wait after `failures` consecutive failed flushes (failures >= 1).
+
+    Doubles from `interval` up to `cap`. The jitter only shortens (by up to a quarter), so the
+    cap is a true upper bound and consecutive delays still grow until the cap is reached
+    (0.75 * 2d > d). Jitter keeps replicas that lost Postgres together from retrying in step.
+    """
+    # The exponent is clamped: 2.0 ** 1024 overflows and a long outage must not crash the loop.
+    base = min(cap, interval * 2.0 ** min(max(failures, 1) - 1, 60))
+    return base * (0.75 + 0.25 * rand())
+
+
+def _describe(exc: BaseException) -> str:
+    message = str(exc).replace("\n", " ")
+    if len(message) > _MAX_ERROR_MESSAGE:
+        message = message[:_MAX_ERROR_MESSAGE] + "..."
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+class PostgresLastUsedWriter:
+    """`LastUsedWriter` on an asyncpg pool: one `UPDATE ... FROM unnest(...)` per chunk."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        min_age: float,
+        metrics: Metrics | None = None,
+        table: str = "api_tokens",
+        chunk_size: int = 5000,
+        timeout: float | None = None,
+    ) -> None:
+        if not _TABLE_RE.match(table):
+            raise ValueError(f"invalid table name {table!r}: expected name or schema.name")
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be at least 1")
+        if min_age < 0:
+            raise ValueError("min_age must not be negative")
+        self._pool = pool
+        self._min_age = float(min_age)
+        self._metrics = metrics
+        self._chunk_size = chunk_size
+        # None: the pool's command_timeout applies.
+        self._timeout = timeout
+        # `<=` with `v.at - min_age` both skips rows written less than min_age before the new
+        # time and refuses to move a row backwards (min_age >= 0), in one indexed statement.
+        # min_age is a parameter so the statement text, and its prepared plan, never change.
+        self._sql = (
+            f"UPDATE {table} AS t SET last_used_at = v.at"
+            " FROM unnest($1::uuid[], $2::timestamp[]) AS v(id, at)"
+            " WHERE t.id = v.id AND (t.last_used_at IS NULL"
+            " OR t.last_used_at <= v.at - make_interval(secs => $3::float8))"
+        )
+
+    async def write_last_used(self, batch: Sequence[tuple[str, datetime]]) -> int:
+        latest: dict[uuid.UUID, datetime] = {}
+        for token_id, at in batch:
+            try:
+                key = uuid.UUID(token_id)
+            except (ValueError, TypeError, AttributeError):
+                # Not a uuid: no row of a uuid column can have it, and sending it would make
+                # Postgres reject the whole statement, and with it every valid id of the batch.
+                continue
+            at = _naive_utc(at)
+            prev = latest.get(key)
+            # If an id appeared twice in one statement, Postgres would pick one of its rows
+            # unpredictably; keep only the latest time per id.
+            if prev is None or at > prev:
+                latest[key] = at
+        # Sorted ids make every writer lock rows in the same order, so replicas flushing
+        # overlapping batches wait for each other instead of deadlocking.
+        ids = sorted(latest)
+        rows = 0
+        for start in range(0, len(ids), self._chunk_size):
+            chunk = ids[start:start + self._chunk_size]
+            rows += await self._execute(chunk, [latest[i] for i in chunk])
+        return rows
+
+    async def _execute(self, ids: list[uuid.UUID], ats: list[datetime]) -> int:
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.postgres_queries.labels(kind="last_used").inc()
+        try:
+            status = await self._pool.execute(
+                self._sql, ids, ats, self._min_age, timeout=self._timeout
+            )
+        except Exception:
+            if metrics is not None:
+                metrics.postgres_errors.labels(kind="last_used").inc()
+            raise
+        # The command tag is "UPDATE <rows>".
+        count = status.rpartition(" ")[2]
+        return int(count) if count.isdigit() else 0
+
+
+class LastUsedQueue:
+    def __init__(
+        self,
+        writer: LastUsedWriter,
+        *,
+        flush_interval: float,
+        max_pending: int,
+        metrics: Metrics | None = None,
+        max_backoff: float = 60.0,
+    ) -> None:
+        if flush_interval <= 0:
+            raise ValueError("flush_interval must be positive")
+        if max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
+        self._writer = writer
+        self._interval = flush_interval
+        self._max_pending = max_pending
+        self._metrics = metrics
+        # A cap below the interval would make a failing flusher retry faster than a healthy one.
+        self._max_backoff = max(max_backoff, flush_interval)
+        self._pending: dict[str, datetime] = {}
+        # Held for the whole of a flush: a second flush waits and then takes only what was
+        # recorded after the first one swapped its batch out, so no entry is written twice.
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._failures = 0
+        # The background loop sleeps through this; tests replace it to observe the back-off.
+        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+    @property
+    def pending(self) -> int:
+        """Ids waiting for a flush (not counting a batch being written right now)."""
+        return len(self._pending)
+
+    @property
+    def consecutive_failures(self) -> int:
+        """Failed background flushes since the last successful one."""
+        return self._failures
+
+    def record(self, token_id: str, at: datetime | None = None) -> None:
+        try:
+            at = utc_now_naive() if at is None else _naive_utc(at)
+            pending = self._pending
+            prev = pending.get(token_id)
+            if prev is None:
+                if len(pending) >= self._max_pending:
+                    self._dropped(1)
+                    return
+                pending[token_id] = at
+                self._update_gauge()
+            elif at > prev:
+                pending[token_id] = at
+        except Exception as exc:
+            # Rule 1. Only reachable through a caller bug (a non-datetime `at`) or a broken
+            # metrics backend; a debug line is enough and keeps the hot path quiet.
+            _log.debug("last_used record ignored: %s", type(exc).__name__)
+
+    async def flush(self) -> int:
+        """Write everything pending now; return rows the writer reported.
+
+        On failure the batch is merged back (rule 4) and the error re-raised.
+        """
+        async with self._lock:
+            batch = self._pending
+            if not batch:
+                return 0
+            self._pending = {}
+            metrics = self._metrics
+            started = time.perf_counter()
+            try:
+                self._update_gauge()
+                rows = await self._writer.write_last_used(list(batch.items()))
+            except BaseException as exc:
+                # BaseException too: a flush cancelled by shutdown has not been confirmed
+                # either, and the final flush must still find its entries.
+                self._merge_back(batch)
+                if metrics is not None and isinstance(exc, Exception):
+                    metrics.last_used_flush_errors.inc()
+                raise
+            finally:
+                if metrics is not None:
+                    metrics.last_used_flush_duration.observe(time.perf_counter() - started)
+            if metrics is not None and rows > 0:
+                metrics.last_used_rows_flushed.inc(rows)
+            return rows
+
+    def start(self) -> None:
+        """Start the background flusher (needs a running loop). Idempotent."""
+        if self._task is not None and not self._task.done():
+            return
+        self._failures = 0
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name="sidecar-last-used-flusher"
+        )
+
+    # The bound is a parameter, not left to the caller's asyncio.timeout(): on expiry close()
+    # must still log what it could not write instead of being cancelled mid-way.
+    async def close(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Stop the flusher, then flush once more; never takes much longer than `timeout`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, 0.0)
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            # A flush cancelled mid-write merges its batch back (rule 4) for the final flush.
+            # Waiting is bounded: a writer that ignores cancellation must not hang shutdown.
+            await asyncio.wait({task}, timeout=max(deadline - loop.time(), 0.0))
+            if not task.done():
+                _log.warning("last_used flusher did not stop in time")
+            elif not task.cancelled() and (error := task.exception()) is not None:
+                # Only a bug can end the loop with an error; retrieve it so it is not lost.
+                _log.warning("last_used flusher had failed: %s", _describe(error))
+        pending = self.pending
+        try:
+            async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
+                rows = await self.flush()
+        except TimeoutError:
+            _log.warning(
+                "last_used final flush timed out after %.1f s; %d ids not written",
+                timeout, self.pending,
+            )
+        except Exception as exc:
+            _log.warning(
+                "last_used final flush failed; %d ids not written: %s",
+                self.pending, _describe(exc),
+            )
+        else:
+            if pending:
+                _log.info("last_used final flush: %d ids, %d rows written", pending, rows)
+
+    async def _run(self) -> None:
+        delay = self._interval
+        while True:
+            await self._sleep(delay)
+            try:
+                await self.flush()
+            except Exception as exc:
+                self._failures += 1
+                delay = retry_delay(self._failures, interval=self._interval,
+                                    cap=self._max_backoff)
+                _log.warning(
+                    "last_used flush failed (%d consecutive, %d ids pending); retrying in "
+                    "%.1f s: %s",
+                    self._failures, self.pending, delay, _describe(exc),
+                )
+            else:
+                if self._failures:
+                    _log.info("last_used flush succeeded again after %d failures",
+                              self._failures)
+                self._failures = 0
+                delay = self._interval
+
+    def _merge_back(self, batch: dict[str, datetime]) -> None:
+        pending = self._pending
+        room = self._max_pending - len(pending)
+        dropped = 0
+        for token_id, at in batch.items():
+            prev = pending.get(token_id)
+            if prev is not None:
+                if at > prev:
+                    pending[token_id] = at
+            elif room > 0:
+                pending[token_id] = at
+                room -= 1
+            else:
+                dropped += 1
+        if dropped:
+            self._dropped(dropped)
+        self._update_gauge()
+
+    def _dropped(self, count: int) -> None:
+        if self._metrics is not None:
+            self._metrics.last_used_dropped.inc(count)
+
+    def _update_gauge(self) -> None:
+        # Set only when the number of ids changes: a repeat of a pending id costs nothing here.
+        if self._metrics is not None:
+            self._metrics.last_used_pending.set(len(self._pending))

@@ -1,0 +1,222 @@
+"""Shared fixtures: real Postgres and Redis (started here or taken from the environment),
+a real upstream app, and a sidecar factory.
+
+`SIDECAR_TEST_DATABASE_URL` / `SIDECAR_TEST_REDIS_URL` point the suite at existing servers.
+Otherwise the servers are started on loopback ports in temp dirs. With `CI=true` a server
+that cannot be had fails the test run instead of skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from tests.servers import PostgresServer, RedisServer, ServerUnavailable
+from tests.upstream import make_upstream
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA = (ROOT / "config" / "schema.sql").read_text()
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def unavailable(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"required test server unavailable in CI: {reason}")
+    pytest.skip(reason)
+
+
+def start_postgres() -> PostgresServer:
+    try:
+        return PostgresServer().setup()
+    except ServerUnavailable as exc:
+        unavailable(str(exc))
+        raise
+
+
+def start_redis() -> RedisServer:
+    try:
+        return RedisServer().setup()
+    except ServerUnavailable as exc:
+        unavailable(str(exc))
+        raise
+
+
+@pytest.fixture(scope="session")
+def pg_dsn() -> Iterator[str]:
+    external = os.environ.get("SIDECAR_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    server = start_postgres()
+    try:
+        yield server.dsn
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> Iterator[str]:
+    external = os.environ.get("SIDECAR_TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    server = start_redis()
+    try:
+        yield server.url
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A Postgres of this test's own, which it may stop and start."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own, which it may stop and start."""
+    server = start_redis()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@dataclass
+class Db:
+    """Test-side access to the token table."""
+
+    conn: asyncpg.Connection
+    dsn: str
+
+    async def add_token(
+        self,
+        scope: str = "app",
+        *,
+        tenant_id: str | None = None,
+        app_id: str | None = None,
+        token: str | None = None,
+        stored: str | None = None,
+    ) -> tuple[str, str]:
+        """Insert a token row; returns (raw token, row id). `stored` overrides the column."""
+        raw = token or "app-" + secrets.token_urlsafe(24)
+        row_id = await self.conn.fetchval(
+            "INSERT INTO api_tokens (app_id, tenant_id, type, token) VALUES ($1, $2, $3, $4)"
+            " RETURNING id::text",
+            uuid.UUID(app_id) if app_id else None,
+            uuid.UUID(tenant_id) if tenant_id else None,
+            scope,
+            stored if stored is not None else raw,
+        )
+        return raw, row_id
+
+    async def lookup_count(self) -> int:
+        """Lookup statements Postgres executed since the test began (pg_stat_statements)."""
+        value = await self.conn.fetchval(
+            "SELECT coalesce(sum(calls), 0) FROM pg_stat_statements"
+            " WHERE query ILIKE 'SELECT%FROM api_tokens%' AND query NOT ILIKE '%pg_stat%'"
+        )
+        return int(value)
+
+
+async def prepare_db(dsn: str) -> asyncpg.Connection:
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(SCHEMA)
+    await conn.execute("TRUNCATE api_tokens")
+    await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    await conn.execute("SELECT pg_stat_statements_reset()")
+    return conn
+
+
+@pytest.fixture
+async def db(pg_dsn: str) -> AsyncIterator[Db]:
+    conn = await prepare_db(pg_dsn)
+    try:
+        yield Db(conn, pg_dsn)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def redis_url(redis_server_url: str) -> AsyncIterator[str]:
+    client = aioredis.from_url(redis_server_url)
+    await client.flushall()
+    await client.aclose()
+    return redis_server_url
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[TestServer]:
+    app = make_upstream()
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+@dataclass
+class Sidecar:
+    main: TestServer
+    ops: TestServer
+    app: web.Application
+    env: dict[str, Any] = field(default_factory=dict)
+
+    def url(self, path: str) -> str:
+        return str(self.main.make_url(path))
+
+    def ops_url(self, path: str) -> str:
+        return str(self.ops.make_url(path))
+
+
+SidecarFactory = Callable[..., Awaitable[Sidecar]]
+
+
+@pytest.fixture
+async def make_sidecar(db: Db) -> AsyncIterator[SidecarFactory]:
+    """Start sidecars (main + ops listener) with settings overrides given as keyword args."""
+    from sidecar.app import create_app, create_ops_app
+    from sidecar.settings import load_settings
+
+    started: list[Sidecar] = []
+
+    async def factory(**overrides: Any) -> Sidecar:
+        overrides.setdefault("database_url", db.dsn)
+        overrides.setdefault("last_used_flush_interval", 0.2)
+        overrides.setdefault("last_used_min_age", 0)
+        settings = load_settings(**overrides)
+        app = create_app(settings)
+        main = TestServer(app, host="127.0.0.1")
+        await main.start_server()
+        ops = TestServer(create_ops_app(app), host="127.0.0.1")
+        await ops.start_server()
+        sc = Sidecar(main, ops, app, overrides)
+        started.append(sc)
+        return sc
+
+    yield factory
+    for sc in reversed(started):
+        await sc.ops.close()
+        await sc.main.close()

@@ -1,0 +1,152 @@
+"""The ops listener and the command line against real Postgres/Redis."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import aiohttp
+import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Db, SidecarFactory
+from tests.servers import PG_PASSWORD, PostgresServer, free_port
+
+TENANT = "12345678-1234-1234-1234-123456789abc"
+
+
+async def test_metrics_parse_and_leak_nothing(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, redis_url: str
+) -> None:
+    token, row_id = await db.add_token("app", tenant_id=TENANT)
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_url=redis_url,
+                            public_routes="/public")
+    async with aiohttp.ClientSession() as http:
+        for headers in ({"Authorization": f"Bearer {token}"}, {"Authorization": "Bearer bad"},
+                        {}):
+            async with http.get(sc.url(f"/v1/chat/{TENANT}"), headers=headers) as r:
+                await r.read()
+        async with http.get(sc.url("/public/x")) as r:
+            assert r.status == 200
+        async with http.get(sc.ops_url("/metrics")) as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/plain")
+            text = await r.text()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert all(name.startswith("sidecar_") for name in families)
+    outcomes = {(s.labels["outcome"], s.labels["scope"]): s.value
+                for s in families["sidecar_requests"].samples if s.name.endswith("_total")}
+    assert outcomes[("allowed", "app")] == 1
+    assert outcomes[("unauthorized", "app")] == 2
+    assert outcomes[("public", "none")] == 1
+    for name in ("sidecar_auth_duration_seconds", "sidecar_cache_lookups",
+                 "sidecar_upstream_responses", "sidecar_upstream_duration_seconds",
+                 "sidecar_in_flight_requests", "sidecar_last_used_pending"):
+        assert name in families, name
+    lookups = {(s.labels["tier"], s.labels["result"]): s.value
+               for s in families["sidecar_cache_lookups"].samples if s.name.endswith("_total")}
+    assert lookups[("l1", "miss")] >= 2
+    assert lookups[("l2", "miss")] >= 2
+    for secret in (token, TENANT, row_id, "bad"):
+        assert secret not in text
+
+
+async def test_health_and_readiness(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, redis_url: str
+) -> None:
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_url=redis_url)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(sc.ops_url("/healthz")) as r:
+            assert r.status == 200
+        async with http.get(sc.ops_url("/readyz")) as r:
+            assert r.status == 200
+            assert orjson.loads(await r.read()) == {
+                "status": "ready", "postgres": "ok", "redis": "ok", "upstream": "ok"}
+    bare = await make_sidecar()  # no Redis, decision-only
+    async with aiohttp.ClientSession() as http:
+        async with http.get(bare.ops_url("/readyz")) as r:
+            doc = orjson.loads(await r.read())
+        assert doc["redis"] == "disabled" and doc["upstream"] == "disabled"
+        async with http.get(bare.url("/anything")) as r:
+            assert r.status == 404
+
+
+async def test_readyz_not_ready_when_postgres_never_reached(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any
+) -> None:
+    sc = await make_sidecar(
+        database_url=f"postgresql://sidecar:x@127.0.0.1:{free_port()}/sidecar",
+        database_timeout=0.5, upstream_url=str(upstream.make_url("")))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(sc.ops_url("/readyz")) as r:
+            assert r.status == 503
+            assert orjson.loads(await r.read())["status"] == "not_ready"
+        async with http.get(sc.ops_url("/healthz")) as r:
+            assert r.status == 200
+        async with http.get(sc.url("/a"), headers={"Authorization": "Bearer t"}) as r:
+            assert r.status == 503
+            assert orjson.loads(await r.read())["code"] == "auth_unavailable"
+
+
+def run_cli(*args: str, env: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    return subprocess.run([sys.executable, "-m", "sidecar", *args], env={**base, **env},
+                          capture_output=True, text=True, timeout=60, input=stdin,
+                          cwd="/")
+
+
+def test_check_config_names_each_bad_variable_and_hides_password() -> None:
+    dsn = f"postgresql://sidecar:{PG_PASSWORD}@127.0.0.1:5432/sidecar"
+    res = run_cli("check-config", env={"SIDECAR_DATABASE_URL": dsn, "SIDECAR_CACHE_TTL": "abc",
+                                       "SIDECAR_LISTEN": "nonsense",
+                                       "SIDECAR_SCOPE_ROUTES": "v1=app"})
+    assert res.returncode != 0
+    assert "SIDECAR_CACHE_TTL" in res.stderr
+    assert "SIDECAR_LISTEN" in res.stderr
+    assert "SIDECAR_SCOPE_ROUTES" in res.stderr
+    assert PG_PASSWORD not in res.stdout + res.stderr
+
+    res = run_cli("check-config", env={"SIDECAR_CACHE_TTL": "5"})
+    assert res.returncode != 0
+    assert "SIDECAR_DATABASE_URL" in res.stderr
+
+    res = run_cli("check-config", env={"SIDECAR_DATABASE_URL": dsn,
+                                       "SIDECAR_REDIS_URL": "redis://:redispw@127.0.0.1:1/0",
+                                       "SIDECAR_ADMIN_TOKEN": "admin-secret"})
+    assert res.returncode == 0, res.stderr
+    assert "SIDECAR_DATABASE_URL=postgresql://sidecar:***@127.0.0.1:5432/sidecar" in res.stdout
+    for secret in (PG_PASSWORD, "redispw", "admin-secret"):
+        assert secret not in res.stdout + res.stderr
+
+
+def test_bad_password_in_invalid_dsn_is_not_printed() -> None:
+    res = run_cli("check-config", env={"SIDECAR_DATABASE_URL": f"mysql://u:{PG_PASSWORD}@h/db"})
+    assert res.returncode != 0
+    assert "SIDECAR_DATABASE_URL" in res.stderr
+    assert PG_PASSWORD not in res.stdout + res.stderr
+
+
+async def test_schema_and_token_commands(own_postgres: PostgresServer) -> None:
+    env = {"SIDECAR_DATABASE_URL": own_postgres.dsn}
+    printed = run_cli("schema", env={})
+    assert printed.returncode == 0 and "CREATE TABLE IF NOT EXISTS api_tokens" in printed.stdout
+    for _ in range(2):  # idempotent
+        res = run_cli("schema", "--apply", env=env)
+        assert res.returncode == 0, res.stderr
+    res = run_cli("token", "create", "--scope", "dataset", "--tenant-id", TENANT, env=env)
+    assert res.returncode == 0, res.stderr
+    token = res.stdout.strip()
+    assert token.startswith("dataset-")
+    row = own_postgres.psql(f"SELECT type, tenant_id FROM api_tokens WHERE token = '{token}'")
+    assert row == f"dataset|{TENANT}"
+    res = run_cli("token", "revoke", env=env, stdin=token + "\n")
+    assert res.returncode == 0, res.stderr
+    assert own_postgres.psql("SELECT count(*) FROM api_tokens") == "0"
+    # hashed storage: the raw token exists nowhere at rest
+    res = run_cli("token", "create", "--scope", "app",
+                  env={**env, "SIDECAR_TOKEN_HASH": "sha256"})
+    token = res.stdout.strip()
+    stored = own_postgres.psql("SELECT token FROM api_tokens")
+    assert stored != token and len(stored) == 64

@@ -15,11 +15,14 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.auth import Authenticator
 from sidecar.cache import LocalCache
+from sidecar.decision import DECISION_ROUTE, make_decision_handler
 from sidecar.gate import gate_middleware, not_found, proxy_handler
+from sidecar.invalidation import Invalidator
+from sidecar.listeners import PostgresListener, RedisSubscriber
 from sidecar.metrics import Metrics
 from sidecar.ops import create_ops_app
 from sidecar.proxy import Forwarder
-from sidecar.rediscache import RedisCache, connect
+from sidecar.rediscache import PUBSUB_CHANNEL, RedisCache, connect
 from sidecar.routing import Router
 from sidecar.services import SERVICES, Services
 from sidecar.settings import Settings
@@ -27,6 +30,8 @@ from sidecar.store import PostgresTokenStore
 from sidecar.usage import LastUsedQueue, PostgresLastUsedWriter
 
 log = logging.getLogger("sidecar.app")
+
+LISTENERS = web.AppKey("sidecar.listeners", list[PostgresListener | RedisSubscriber])
 
 __all__ = ["build_services", "create_app", "create_ops_app"]
 
@@ -54,6 +59,7 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
         ttl=settings.cache_ttl,
         negative_ttl=settings.negative_cache_ttl,
         stale_if_error=settings.stale_if_error,
+        hashed_storage=settings.token_hash == "sha256",
     )
     forwarder = None
     if settings.upstream_url:
@@ -72,6 +78,7 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
         max_pending=settings.last_used_max_pending,
         metrics=metrics,
     )
+    invalidator = Invalidator(authenticator, redis, settings.scopes, metrics)
     return Services(
         settings=settings,
         metrics=metrics,
@@ -81,6 +88,7 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
         authenticator=authenticator,
         forwarder=forwarder,
         usage=usage,
+        invalidator=invalidator,
     )
 
 
@@ -128,11 +136,28 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         if svc.forwarder is not None:
             await svc.forwarder.close()
 
+    async def listeners_ctx(_: web.Application) -> AsyncIterator[None]:
+        inv = svc.invalidator
+        subs: list[PostgresListener | RedisSubscriber] = [PostgresListener(
+            settings.database_url.get_secret_value(), settings.notify_channel,
+            inv.on_notify, lambda: inv.on_reconnect("notify"),
+        )]
+        if svc.redis is not None:
+            subs.append(RedisSubscriber(svc.redis.client, PUBSUB_CHANNEL, inv.on_pubsub,
+                                        lambda: inv.on_reconnect("pubsub")))
+        for sub in subs:
+            sub.start()
+        app[LISTENERS] = subs
+        yield
+        for sub in subs:
+            await sub.close()
+
     async def usage_ctx(_: web.Application) -> AsyncIterator[None]:
         svc.usage.start()
         yield
         await svc.usage.close(timeout=max(1.0, settings.shutdown_grace))
 
-    app.cleanup_ctx.extend([store_ctx, redis_ctx, forwarder_ctx, usage_ctx])
+    app.cleanup_ctx.extend([store_ctx, redis_ctx, listeners_ctx, forwarder_ctx, usage_ctx])
+    app.router.add_route("*", DECISION_ROUTE, make_decision_handler())
     app.router.add_route("*", "/{tail:.*}", proxy_handler if svc.forwarder else not_found)
     return app

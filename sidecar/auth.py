@@ -5,8 +5,13 @@ Rules that hold here:
    cached answer, says no) or `AuthUnavailable` (nobody can say). A store outage never reads
    as "invalid", and a negative entry never answers past its own freshness.
 2. The hot path (fresh L1 entry) awaits nothing.
-3. Concurrent misses of one key in this process share one resolution (single flight).
-4. This module knows only Protocols for its tiers: no aiohttp, asyncpg or redis here.
+3. Concurrent misses of one key in this process share one resolution (single flight); across
+   replicas, a Redis lock lets one replica ask Postgres while the others wait for its answer
+   in Redis. A lock that cannot be had in time, or a Redis error, never blocks a request: the
+   replica then asks Postgres itself.
+4. A lookup that overlapped an invalidation answers its own request but is not cached: it may
+   have read the row from before the change.
+5. This module knows only Protocols for its tiers: no aiohttp, asyncpg or redis here.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
-from sidecar.cache import CacheEntry, LocalCache, cache_key, token_digest
+from sidecar.cache import CacheEntry, LocalCache, cache_key, key_digest
 from sidecar.errors import AuthUnavailable, InvalidToken, StoreUnavailable
 from sidecar.metrics import Metrics
 from sidecar.models import Identity, TokenRecord
@@ -28,8 +34,24 @@ class TokenStore(Protocol):
 
 
 class SharedCache(Protocol):
+    """The Redis tier. No method raises; `available` is False while it is known to be down."""
+
+    @property
+    def available(self) -> bool: ...
     async def get(self, key: str) -> CacheEntry | None: ...
     async def set(self, key: str, entry: CacheEntry, now: float | None = None) -> None: ...
+    async def try_lock(self, key: str, ttl: float) -> str | None: ...
+    async def unlock(self, key: str, owner: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class LockPolicy:
+    """Cross-replica single flight (SPEC 3.3): lock expiry, how long to wait, poll pacing."""
+
+    ttl: float = 10.0
+    wait: float = 5.0
+    first_poll: float = 0.005
+    max_poll: float = 0.1
 
 
 def utcnow_naive() -> datetime:
@@ -47,6 +69,8 @@ class Authenticator:
         ttl: float,
         negative_ttl: float,
         stale_if_error: float,
+        hashed_storage: bool = False,
+        lock: LockPolicy | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -56,15 +80,21 @@ class Authenticator:
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.stale_if_error = stale_if_error
+        self.hashed_storage = hashed_storage
+        self.lock = lock or LockPolicy()
         self.clock = clock
+        self._epoch = 0
         self._inflight: dict[str, asyncio.Future[CacheEntry]] = {}
         m = metrics.cache_lookups
         self._l1_hit = m.labels(tier="l1", result="hit")
         self._l1_neg = m.labels(tier="l1", result="negative")
         self._l1_miss = m.labels(tier="l1", result="miss")
 
+    def digest(self, token: str) -> str:
+        return key_digest(token, self.hashed_storage)
+
     async def authenticate(self, token: str, scope: str) -> Identity:
-        key = cache_key(token_digest(token), scope)
+        key = cache_key(self.digest(token), scope)
         now = self.clock()
         entry = self.local.get(key)
         if entry is not None and entry.fresh(now):
@@ -108,21 +138,74 @@ class Authenticator:
     async def _resolve(
         self, key: str, token: str, scope: str, local: CacheEntry | None
     ) -> CacheEntry:
+        shared = self.shared
         shared_entry: CacheEntry | None = None
-        if self.shared is not None:
-            shared_entry = await self.shared.get(key)
-            now = self.clock()
-            if shared_entry is not None and shared_entry.fresh(now):
-                result = "negative" if shared_entry.negative else "hit"
-                self.metrics.cache_lookups.labels(tier="l2", result=result).inc()
-                self.local.put(key, shared_entry, now)
+        owner: str | None = None
+        if shared is not None:
+            shared_entry = await self._shared_fresh(shared, key, count=True)
+            if shared_entry is not None and shared_entry.fresh(self.clock()):
                 return shared_entry
-            self.metrics.cache_lookups.labels(tier="l2", result="miss").inc()
+            owner, shared_entry = await self._lock_or_answer(shared, key, shared_entry)
+            if shared_entry is not None and shared_entry.fresh(self.clock()):
+                return shared_entry
+        try:
+            return await self._lookup(key, token, scope, local, shared_entry)
+        finally:
+            if owner is not None and shared is not None:
+                await shared.unlock(key, owner)
 
+    async def _shared_fresh(
+        self, shared: SharedCache, key: str, *, count: bool
+    ) -> CacheEntry | None:
+        """Read L2; a fresh entry is also put into L1. Returns whatever L2 had."""
+        entry = await shared.get(key)
+        now = self.clock()
+        fresh = entry is not None and entry.fresh(now)
+        if count:
+            result = "miss" if entry is None or not fresh else (
+                "negative" if entry.negative else "hit")
+            self.metrics.cache_lookups.labels(tier="l2", result=result).inc()
+        if entry is not None and fresh:
+            self.local.put(key, entry, now)
+        return entry
+
+    async def _lock_or_answer(
+        self, shared: SharedCache, key: str, seen: CacheEntry | None
+    ) -> tuple[str | None, CacheEntry | None]:
+        """Take the key's lock, or wait for the replica holding it to publish an answer.
+
+        Returns (lock owner or None, the latest L2 entry seen). Gives up (owner None) when
+        Redis is unavailable or the wait runs out: the caller then asks Postgres itself.
+        """
+        deadline = time.monotonic() + self.lock.wait
+        poll = self.lock.first_poll
+        while True:
+            owner = await shared.try_lock(key, self.lock.ttl)
+            if owner is not None:
+                # Second check: the previous holder may have filled L2 just before we got in.
+                entry = await self._shared_fresh(shared, key, count=False)
+                return owner, entry if entry is not None else seen
+            if not shared.available:
+                return None, seen
+            if time.monotonic() >= deadline:
+                self.metrics.lock_timeouts.inc()
+                return None, seen
+            await asyncio.sleep(poll)
+            poll = min(poll * 2, self.lock.max_poll)
+            entry = await self._shared_fresh(shared, key, count=False)
+            if entry is not None:
+                seen = entry
+                if entry.fresh(self.clock()):
+                    return None, entry
+
+    async def _lookup(
+        self, key: str, token: str, scope: str, *stale: CacheEntry | None
+    ) -> CacheEntry:
+        epoch = self._epoch
         try:
             record = await self.store.lookup(token, scope)
         except StoreUnavailable:
-            return self._stale_or_unavailable(key, local, shared_entry)
+            return self._stale_or_unavailable(key, *stale)
 
         now = self.clock()
         if record is None:
@@ -130,6 +213,8 @@ class Authenticator:
         else:
             fresh = now + self.ttl
             entry = CacheEntry(record, fresh, fresh + self.stale_if_error)
+        if epoch != self._epoch:
+            return entry  # rule 4
         self.local.put(key, entry, now)
         if self.shared is not None:
             await self.shared.set(key, entry, now)
@@ -145,6 +230,17 @@ class Authenticator:
                 return cand
         raise AuthUnavailable()
 
-    # Invalidation entry points (used by the admin API, LISTEN/NOTIFY and pub/sub).
-    def forget_local(self, digest: str) -> int:
-        return self.local.pop_digest(digest)
+    # Invalidation (admin API, LISTEN/NOTIFY, pub/sub): local tier only; the caller handles L2.
+    def forget(self, digest: str, scope: str | None = None) -> int:
+        self._epoch += 1
+        if scope is None:
+            return self.local.pop_digest(digest)
+        return 1 if self.local.pop(cache_key(digest, scope)) else 0
+
+    def forget_tenant(self, tenant_id: str) -> int:
+        self._epoch += 1
+        return self.local.pop_tenant(tenant_id)
+
+    def forget_all(self) -> None:
+        self._epoch += 1
+        self.local.clear()

@@ -47,6 +47,10 @@ class CircuitBreaker:
         self._probe_started = now
         return True
 
+    def release(self) -> None:
+        """The call ended without a verdict (cancelled): free the probe slot, change nothing."""
+        self._probing = False
+
     def success(self) -> None:
         self._probing = False
         if self._failures:

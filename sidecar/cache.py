@@ -1,8 +1,10 @@
 """Cache entries and the in-process tier (L1).
 
 Rules that hold here:
-1. A cache key is `sha256(token):scope`. The raw token never becomes a key, a log line or a
-   metric; `token_digest` is the only place a key is derived from a token.
+1. A cache key is `digest:scope`, where the digest is the SHA-256 of the token *as stored in
+   the token table* (the raw token, or its SHA-256 with `SIDECAR_TOKEN_HASH=sha256`). The
+   database triggers compute the same digest from the column, so their NOTIFY payloads name
+   cache keys without the raw token ever leaving the process that received it.
 2. An entry carries wall-clock deadlines (`fresh_until`, `stale_until`) so that an entry read
    back from Redis means the same thing in every replica.
 3. A negative entry (record is None) is never stale-usable: it answers only while fresh.
@@ -26,6 +28,11 @@ FORMAT_VERSION = 1
 
 def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def key_digest(token: str, hashed_storage: bool) -> str:
+    """The digest cache keys use (rule 1): sha256 of the stored column value."""
+    return token_digest(token_digest(token) if hashed_storage else token)
 
 
 def cache_key(digest: str, scope: str) -> str:
@@ -122,8 +129,8 @@ class LocalCache:
         while len(self._data) > self.max_size:
             self._data.popitem(last=False)
 
-    def pop(self, key: str) -> None:
-        self._data.pop(key, None)
+    def pop(self, key: str) -> bool:
+        return self._data.pop(key, None) is not None
 
     def pop_digest(self, digest: str) -> int:
         """Drop every scope's entry of one token; returns how many were dropped."""

@@ -13,17 +13,12 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sidecar.services import SERVICES, Services
-
-MAIN_APP = web.AppKey("sidecar.main_app", web.Application)
+from sidecar.admin import invalidate
+from sidecar.services import MAIN_APP, Services, ops_services
 
 
 def _json(doc: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(doc), status=status, content_type="application/json")
-
-
-def services_of(request: web.Request) -> Services:
-    return request.app[MAIN_APP][SERVICES]
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -44,7 +39,7 @@ async def _upstream_reachable(svc: Services) -> str:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    svc = services_of(request)
+    svc = ops_services(request)
     redis_check = svc.redis.ping() if svc.redis is not None else None
     pg_ok, redis_ok, upstream = await asyncio.gather(
         svc.store.ping(),
@@ -68,7 +63,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    svc = services_of(request)
+    svc = ops_services(request)
     svc.metrics.last_used_pending.set(svc.usage.pending)
     body = generate_latest(svc.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -81,4 +76,5 @@ def create_ops_app(main: web.Application) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/admin/invalidate", invalidate)
     return app

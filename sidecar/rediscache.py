@@ -3,18 +3,21 @@
 Rules that hold here:
 1. No method raises: a Redis problem is counted, trips the circuit breaker and reads as a miss.
    Redis is an accelerator; Postgres stays the source of truth.
-2. Keys are `sidecar:tok:<sha256>:<scope>`; per-tenant index sets are `sidecar:tenant:<id>`.
-   Nothing derived from a raw token except its SHA-256 is ever written.
+2. Keys are `sidecar:tok:<digest>:<scope>`; per-tenant index sets are `sidecar:tenant:<id>`;
+   lookup locks are `sidecar:lock:<digest>:<scope>`. Nothing derived from a raw token except
+   its digest is ever written (see sidecar.cache rule 1).
 3. While the breaker is open, calls are skipped without touching the network, except one probe
    per back-off period.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import redis.asyncio as aioredis
@@ -30,6 +33,15 @@ log = logging.getLogger("sidecar.redis")
 
 TOKEN_PREFIX = "sidecar:tok:"
 TENANT_PREFIX = "sidecar:tenant:"
+LOCK_PREFIX = "sidecar:lock:"
+PUBSUB_CHANNEL = "sidecar:invalidate"
+
+# Deletes the lock only if it is still ours: a lock that expired and was taken by another
+# replica must not be released by us.
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
 
 T = TypeVar("T")
 
@@ -68,9 +80,8 @@ class RedisCache:
             self.breaker.failure()
             log.debug("redis %s failed: %s", op, type(exc).__name__)
             return None
-        except BaseException:
-            # Cancelled mid-call: no verdict on Redis, but free the probe slot.
-            self.breaker.failure()
+        except asyncio.CancelledError:
+            self.breaker.release()  # no verdict on Redis, but free the probe slot
             raise
         self.breaker.success()
         return result
@@ -108,8 +119,60 @@ class RedisCache:
             names = [TOKEN_PREFIX + k for k in keys]
             await self._call("delete", lambda: self.client.delete(*names))
 
+    async def delete_tenant(self, tenant_id: str) -> int:
+        """Delete every cached entry indexed under the tenant; returns how many keys."""
+        index = TENANT_PREFIX + tenant_id
+
+        async def run() -> int:
+            members = await self.client.smembers(index)
+            names = [TOKEN_PREFIX + (m.decode() if isinstance(m, bytes) else m) for m in members]
+            if names:
+                await self.client.delete(*names)
+            await self.client.delete(index)
+            return len(names)
+
+        return await self._call("delete_tenant", run) or 0
+
+    async def delete_all(self) -> None:
+        """Drop every token entry (after TRUNCATE of the token table)."""
+
+        async def run() -> None:
+            async for batch in _scan_batches(self.client, TOKEN_PREFIX + "*"):
+                await self.client.delete(*batch)
+
+        await self._call("delete_all", run)
+
+    async def try_lock(self, key: str, ttl: float) -> str | None:
+        """Take the cross-replica lookup lock of a key: its owner token, or None when another
+        replica holds it or Redis cannot be asked (check `available` to tell which)."""
+        owner = secrets.token_hex(8)
+        ok = await self._call(
+            "lock", lambda: self.client.set(LOCK_PREFIX + key, owner, nx=True,
+                                            px=int(ttl * 1000))
+        )
+        return owner if ok else None
+
+    async def unlock(self, key: str, owner: str) -> None:
+        await self._call("unlock", lambda: self.client.eval(_RELEASE, 1, LOCK_PREFIX + key,
+                                                             owner))
+
+    async def publish(self, message: bytes) -> None:
+        await self._call("publish", lambda: self.client.publish(PUBSUB_CHANNEL, message))
+
     async def ping(self) -> bool:
         try:
             return bool(await self.client.ping())
         except (TimeoutError, RedisError, OSError):
             return False
+
+
+async def _scan_batches(client: aioredis.Redis, pattern: str, size: int = 500) -> AsyncIterator[
+        list[bytes]]:
+    batch: list[bytes] = []
+    async for name in client.scan_iter(match=pattern, count=size):
+        batch.append(name)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from sidecar.auth import Authenticator
 from sidecar.headers import peer_trusted
+from sidecar.invalidation import Invalidator
 from sidecar.metrics import Metrics
 from sidecar.proxy import Forwarder
 from sidecar.rediscache import RedisCache
@@ -27,6 +28,7 @@ class Services:
     authenticator: Authenticator
     forwarder: Forwarder | None
     usage: LastUsedQueue
+    invalidator: Invalidator
 
     def is_trusted(self, peer: str | None) -> bool:
         return peer_trusted(peer, self.settings.trusted_proxies)
@@ -34,3 +36,11 @@ class Services:
 
 SERVICES = web.AppKey("sidecar.services", Services)
 
+
+
+# The ops Application keeps a reference to the main one, whose services it reports on.
+MAIN_APP = web.AppKey("sidecar.main_app", web.Application)
+
+
+def ops_services(request: web.Request) -> Services:
+    return request.app[MAIN_APP][SERVICES]

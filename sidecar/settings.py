@@ -116,6 +116,10 @@ class Settings(BaseSettings):
     stale_if_error: int = Field(300, ge=0)
     redis_timeout: float = Field(0.5, gt=0)
 
+    # Invalidation (SPEC 3.4)
+    notify_channel: str = Field("sidecar_invalidate", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    admin_token: SecretStr | None = None
+
     # Last-used tracking (SPEC 8)
     last_used_flush_interval: float = Field(10.0, gt=0)
     last_used_min_age: float = Field(60.0, ge=0)
@@ -148,6 +152,16 @@ class Settings(BaseSettings):
     @classmethod
     def _level(cls, v: Any) -> Any:
         return v.upper() if isinstance(v, str) else v
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _admin(cls, v: Any) -> Any:
+        raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            return None
+        if isinstance(raw, str) and len(raw.strip()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return v
 
     @field_validator("upstream_url", "upstream_host_header", "token_lookup_sql", mode="before")
     @classmethod

@@ -7,6 +7,9 @@ Rules that hold here:
    `SIDECAR_TOKEN_HASH=sha256`) and the scope; the token itself is never logged.
 3. The pool starts empty (`min_size=0`), so a sidecar starts, and serves from caches, while
    Postgres is still down.
+4. While Postgres is down, a circuit breaker answers lookups with `StoreUnavailable` at once
+   (one probe per back-off, at most `MAX_BACKOFF` s), instead of letting every request wait
+   for a connect timeout.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from typing import Any
 
 import asyncpg
 
+from sidecar.breaker import CircuitBreaker
 from sidecar.cache import token_digest
 from sidecar.errors import StoreUnavailable
 from sidecar.metrics import Metrics
 from sidecar.models import TokenRecord
 
 log = logging.getLogger("sidecar.store")
+
+MAX_BACKOFF = 5.0
 
 DEFAULT_LOOKUP_SQL = (
     "SELECT id, tenant_id, app_id, type FROM api_tokens"
@@ -92,7 +98,16 @@ class PostgresTokenStore:
         self.lookup_sql = lookup_sql or DEFAULT_LOOKUP_SQL
         self.lookups = 0
         self.ever_connected = False
+        self.breaker = CircuitBreaker(base_delay=0.25, max_delay=MAX_BACKOFF,
+                                      on_change=self._circuit_changed)
         self._pool: asyncpg.Pool | None = None
+
+    @staticmethod
+    def _circuit_changed(is_open: bool) -> None:
+        if is_open:
+            log.warning("postgres unavailable: answering from caches (stale-if-error) only")
+        else:
+            log.info("postgres available again")
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -122,16 +137,27 @@ class PostgresTokenStore:
     async def lookup(self, token: str, scope: str) -> TokenRecord | None:
         """The row for (token, scope), None when there is none. Raises StoreUnavailable."""
         key = token_digest(token) if self.hash_tokens else token
+        if not self.breaker.allow():
+            raise StoreUnavailable("circuit open")
         self.lookups += 1
         self.metrics.postgres_queries.labels(kind="lookup").inc()
         try:
             row = await self.pool.fetchrow(self.lookup_sql, key, scope, timeout=self.timeout)
         except UNAVAILABLE_ERRORS as exc:
             self.metrics.postgres_errors.labels(kind="lookup").inc()
+            self.breaker.failure()
             raise StoreUnavailable(type(exc).__name__) from None
         except asyncpg.DataError:
             # e.g. a custom lookup comparing the token to a uuid column: such a token cannot exist.
+            self.breaker.success()
             return None
+        except asyncio.CancelledError:
+            self.breaker.release()
+            raise
+        except Exception:
+            self.breaker.success()  # Postgres answered (with an error): not an outage
+            raise
+        self.breaker.success()
         self.ever_connected = True
         return record_from_row(row) if row is not None else None
 

@@ -97,7 +97,7 @@ class PostgresServer:
 
     def stop(self) -> None:
         if self.running:
-            self._run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            self._run(self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop")
             self.running = False
 
     def psql(self, sql: str, db: str = "sidecar") -> str:

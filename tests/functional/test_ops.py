@@ -114,10 +114,10 @@ def test_check_config_names_each_bad_variable_and_hides_password() -> None:
 
     res = run_cli("check-config", env={"SIDECAR_DATABASE_URL": dsn,
                                        "SIDECAR_REDIS_URL": "redis://:redispw@127.0.0.1:1/0",
-                                       "SIDECAR_ADMIN_TOKEN": "admin-secret"})
+                                       "SIDECAR_ADMIN_TOKEN": "admin-secret-0123456789"})
     assert res.returncode == 0, res.stderr
     assert "SIDECAR_DATABASE_URL=postgresql://sidecar:***@127.0.0.1:5432/sidecar" in res.stdout
-    for secret in (PG_PASSWORD, "redispw", "admin-secret"):
+    for secret in (PG_PASSWORD, "redispw", "admin-secret-0123456789"):
         assert secret not in res.stdout + res.stderr
 
 

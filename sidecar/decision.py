@@ -1,0 +1,199 @@
+"""The decision endpoint `/_sidecar/auth` (SPEC 7): allow or deny a request that another proxy
+(nginx `auth_request`, Traefik `ForwardAuth`, Envoy `ext_authz`) is about to forward itself.
+
+Rules that hold here:
+1. The request judged is the one a proxy describes, never one a client describes:
+   * the path after `/_sidecar/auth` (Envoy `path_prefix`, which keeps the original method) is
+     built by the proxy from the request it holds, so it is used whoever the peer is;
+   * `X-Original-URI`/`X-Original-Method` (nginx) and `X-Forwarded-Uri`/`X-Forwarded-Method`
+     (Traefik) are read only from peers in SIDECAR_TRUSTED_PROXIES. From any other peer the
+     request is judged on its own path and method: `/` for a bare `/_sidecar/auth`.
+2. A trusted proxy passes the client's other headers through (Traefik copies all of them into
+   the auth request, an nginx subrequest carries them too), so a client can add the family of
+   headers that proxy does not set. Every description present must therefore agree, after the
+   normalisation the router applies, or the answer is 400: a client can make its own request
+   fail, never make it pass as a different one.
+3. The decision itself is `sidecar.gate.authorize`: the same routing, credentials, cache tiers,
+   last-used queue and metrics as a proxied request. Its errors become 401/429/503 responses in
+   `gate_middleware`, like everywhere else.
+4. 200 has an empty body and carries only headers set here: the identity headers of the token
+   (none on a public route), and for Envoy the list of identity-header spellings it must strip
+   from the client's request. Identity headers the client sent are never read.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from sidecar.context import info_of
+from sidecar.gate import authorize, not_found
+from sidecar.headers import IDENTITY_HEADERS, identity_headers
+from sidecar.responses import json_error
+from sidecar.routing import match_path
+from sidecar.services import SERVICES
+
+log = logging.getLogger("sidecar.decision")
+
+DECISION_PATH = "/_sidecar/auth"
+# `/_sidecar/auth` and `/_sidecar/auth/...` only: `/_sidecar/authx` is an ordinary path.
+DECISION_ROUTE = DECISION_PATH + "{tail:(?:/.*)?}"
+
+# (uri header, method header) per proxy family, in the order they are reported in errors.
+ORIGINAL_HEADERS = (
+    ("X-Original-URI", "X-Original-Method"),  # nginx auth_request
+    ("X-Forwarded-Uri", "X-Forwarded-Method"),  # Traefik ForwardAuth
+)
+
+# Envoy's HTTP ext_authz removes the request headers named here (on 200 only), after it has
+# set the `allowed_upstream_headers`. So the canonical names may be listed only when no
+# identity is set (public route); the `_` spellings, which some upstreams read as the `-` ones
+# (SPEC 5), are different names and are always listed.
+ENVOY_REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+
+
+def _spellings(name: str) -> list[str]:
+    parts = name.lower().split("-")
+    return [
+        parts[0] + "".join(sep + part for sep, part in zip(seps, parts[1:], strict=True))
+        for seps in itertools.product("-_", repeat=len(parts) - 1)
+    ]
+
+
+_CANONICAL = [h.lower() for h in IDENTITY_HEADERS]
+_VARIANTS = [s for h in IDENTITY_HEADERS for s in _spellings(h) if s not in _CANONICAL]
+_REMOVE_ON_ALLOW = ", ".join(_VARIANTS)
+_REMOVE_ON_PUBLIC = ", ".join(_CANONICAL + _VARIANTS)
+
+_METHOD_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$")  # an RFC 9110 token
+# Never in a request target (RFC 9112 3.2): whitespace, controls, and `#`, which some servers
+# take as the start of a fragment and others as part of the path, so no single reading of it
+# can be trusted to be the upstream's.
+_NOT_IN_TARGET_RE = re.compile(r"[\x00-\x20\x7f#]")
+
+_UNTRUSTED_WARNING_INTERVAL = 60.0
+
+
+class BadDecisionRequest(Exception):
+    """The original request cannot be told unambiguously: answered 400, never allowed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotDecisionPath(Exception):
+    """The router sent a normalised spelling of the endpoint here (`/_sidecar/./auth`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OriginalRequest:
+    """The request to decide on: its method and raw (still percent-encoded) path."""
+
+    method: str
+    path: str
+
+
+def _path_of(target: str, source: str) -> str:
+    """The raw path of a request target in origin form (`/p?q`) or absolute form."""
+    if _NOT_IN_TARGET_RE.search(target):
+        raise BadDecisionRequest(f"{source} is not a valid request target")
+    if target.startswith("/"):
+        return target.partition("?")[0]
+    parts = urlsplit(target)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise BadDecisionRequest(f"{source} is not a valid request target")
+    return parts.path or "/"
+
+
+def _tail_of(raw_target: str) -> str:
+    """What follows `/_sidecar/auth` in the raw target, `""` for the bare endpoint."""
+    path = _path_of(raw_target, "the request path")
+    if not path.startswith(DECISION_PATH):
+        raise NotDecisionPath()
+    tail = path[len(DECISION_PATH):]
+    if tail and not tail.startswith("/"):
+        raise NotDecisionPath()
+    return tail
+
+
+def original_request(request: web.BaseRequest, *, trusted: bool) -> OriginalRequest:
+    """Which request the caller asks about (rules 1 and 2)."""
+    tail = _tail_of(request.raw_path)
+    paths: list[tuple[str, str]] = []  # (raw path, where it came from)
+    methods: list[tuple[str, str]] = []
+    if tail:
+        paths.append((tail, "the path after " + DECISION_PATH))
+        methods.append((request.method, "the request method"))
+    if trusted:
+        for uri_header, method_header in ORIGINAL_HEADERS:
+            for value in request.headers.getall(uri_header, ()):
+                if value.strip():
+                    paths.append((_path_of(value.strip(), uri_header), uri_header))
+            for value in request.headers.getall(method_header, ()):
+                if value.strip():
+                    methods.append((value.strip(), method_header))
+    path, path_source = paths[0] if paths else ("/", "the request path")
+    method, method_source = methods[0] if methods else (request.method, "the request method")
+
+    # Compared as the router sees them, so spellings of one path (nginx's raw `$request_uri`,
+    # Traefik's re-escaped one) agree, and only descriptions of different requests conflict.
+    seen = match_path(path)
+    for other, source in paths[1:]:
+        if match_path(other) != seen:
+            raise BadDecisionRequest(f"{source} and {path_source} describe different paths")
+    if not _METHOD_RE.match(method):
+        raise BadDecisionRequest(f"{method_source} is not a valid method")
+    for other, source in methods[1:]:
+        if other.upper() != method.upper():
+            raise BadDecisionRequest(f"{source} and {method_source} describe different methods")
+    return OriginalRequest(method.upper(), path)
+
+
+def make_decision_handler() -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The handler of `DECISION_ROUTE`; one per app (it keeps its own log throttle)."""
+    last_warning = -_UNTRUSTED_WARNING_INTERVAL
+
+    def warn_untrusted(request: web.Request) -> None:
+        # An operator who forgot SIDECAR_TRUSTED_PROXIES gets every request judged as `/`:
+        # say so, at most once a minute, since any client can send these headers too.
+        nonlocal last_warning
+        now = time.monotonic()
+        if now - last_warning < _UNTRUSTED_WARNING_INTERVAL:
+            return
+        names = [h for pair in ORIGINAL_HEADERS for h in pair if h in request.headers]
+        if names:
+            last_warning = now
+            log.warning(
+                "ignored original-request headers from an untrusted peer; is the proxy's "
+                "address missing from SIDECAR_TRUSTED_PROXIES?",
+                extra={"fields": {"peer": request.remote, "headers": names}},
+            )
+
+    async def decision_handler(request: web.Request) -> web.StreamResponse:
+        svc = request.app[SERVICES]
+        trusted = svc.is_trusted(request.remote)
+        try:
+            original = original_request(request, trusted=trusted)
+        except NotDecisionPath:
+            return await not_found(request)
+        except BadDecisionRequest as exc:
+            info_of(request).outcome = "bad_request"
+            return json_error(400, "bad_request", exc.message)
+        if not trusted:
+            warn_untrusted(request)
+        identity = await authorize(request, svc, original.method, original.path)
+        if identity is None:
+            return web.Response(status=200, headers={ENVOY_REMOVE_HEADER: _REMOVE_ON_PUBLIC})
+        headers = identity_headers(identity)
+        headers[ENVOY_REMOVE_HEADER] = _REMOVE_ON_ALLOW
+        return web.Response(status=200, headers=headers)
+
+    return decision_handler

@@ -1,0 +1,116 @@
+"""Invalidation (SPEC 3.4): dropping cached answers when token rows change.
+
+Rules that hold here:
+1. Sources: Postgres NOTIFY (every replica hears it and clears its L1 and the shared L2
+   entries), the admin API (one replica hears it: it clears L2 and publishes on Redis so every
+   replica clears its L1), and Redis pub/sub (L1 only: whoever published cleared L2).
+2. Messages name tokens by digest (sidecar.cache rule 1) and tenants by id: never a token.
+3. A malformed message invalidates nothing and is counted; it can never widen what a token
+   may do, only fail to narrow it, and NOTIFY payloads come from our own trigger.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import orjson
+
+from sidecar.auth import Authenticator
+from sidecar.cache import cache_key
+from sidecar.metrics import Metrics
+from sidecar.rediscache import RedisCache
+
+log = logging.getLogger("sidecar.invalidation")
+
+_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class Invalidator:
+    def __init__(
+        self,
+        auth: Authenticator,
+        redis: RedisCache | None,
+        scopes: frozenset[str],
+        metrics: Metrics,
+    ) -> None:
+        self.auth = auth
+        self.redis = redis
+        self.scopes = scopes
+        self.metrics = metrics
+
+    def _count(self, source: str) -> None:
+        self.metrics.invalidations.labels(source=source).inc()
+
+    async def token_digest(
+        self, digest: str, scope: str | None, *, source: str, publish: bool
+    ) -> None:
+        scopes = [scope] if scope is not None else sorted(self.scopes)
+        self.auth.forget(digest, scope)
+        if self.redis is not None:
+            await self.redis.delete(*(cache_key(digest, s) for s in scopes))
+            if publish:
+                await self.redis.publish(orjson.dumps({"d": digest, "s": scope}))
+        self._count(source)
+
+    async def token(self, token: str, scope: str | None, *, source: str) -> None:
+        await self.token_digest(self.auth.digest(token), scope, source=source, publish=True)
+
+    async def tenant(self, tenant_id: str, *, source: str, publish: bool) -> None:
+        self.auth.forget_tenant(tenant_id)
+        if self.redis is not None:
+            await self.redis.delete_tenant(tenant_id)
+            if publish:
+                await self.redis.publish(orjson.dumps({"t": tenant_id}))
+        self._count(source)
+
+    async def everything(self, *, source: str, shared: bool) -> None:
+        self.auth.forget_all()
+        if shared and self.redis is not None:
+            await self.redis.delete_all()
+        self._count(source)
+
+    async def on_notify(self, payload: str) -> None:
+        """A NOTIFY from the token table's triggers: a JSON array of changes."""
+        items = _parse(payload)
+        if items is None:
+            self.metrics.invalidations.labels(source="notify_malformed").inc()
+            log.warning("ignored a malformed invalidation notification")
+            return
+        for item in items:
+            if item.get("all") is True:
+                await self.everything(source="notify", shared=True)
+                continue
+            digest, scope = item.get("h"), item.get("s")
+            if isinstance(digest, str) and _DIGEST_RE.match(digest):
+                await self.token_digest(digest, scope if isinstance(scope, str) else None,
+                                        source="notify", publish=False)
+
+    async def on_pubsub(self, data: str | bytes) -> None:
+        """A message another replica (or this one) published after an admin invalidation."""
+        item = _parse(data)
+        if not isinstance(item, dict):
+            self.metrics.invalidations.labels(source="pubsub_malformed").inc()
+            return
+        digest, scope, tenant = item.get("d"), item.get("s"), item.get("t")
+        if isinstance(digest, str) and _DIGEST_RE.match(digest):
+            self.auth.forget(digest, scope if isinstance(scope, str) else None)
+        elif isinstance(tenant, str):
+            self.auth.forget_tenant(tenant)
+        else:
+            self.metrics.invalidations.labels(source="pubsub_malformed").inc()
+            return
+        self._count("pubsub")
+
+    async def on_reconnect(self, source: str) -> None:
+        """Messages may have been missed while disconnected: drop what this process cached."""
+        self.auth.forget_all()
+        self._count(source + "_reconnect")
+
+
+def _parse(raw: str | bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None

@@ -1,0 +1,152 @@
+"""Long-lived subscriptions that keep themselves alive: Postgres LISTEN and Redis pub/sub.
+
+Rules that hold here:
+1. A subscription that drops reconnects with jittered exponential back-off, forever, until
+   closed; it never takes the process down and never logs a payload.
+2. After a reconnect, `on_reconnect` runs first: messages sent while we were away are lost,
+   so the owner must assume everything changed (it clears its local cache).
+3. Messages are handled in arrival order, one at a time, by a single consumer task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger("sidecar.listeners")
+
+OnMessage = Callable[[str], Awaitable[None]]
+OnReconnect = Callable[[], Awaitable[None]]
+
+
+class Backoff:
+    def __init__(self, base: float = 0.2, cap: float = 10.0) -> None:
+        self.base, self.cap, self.failures = base, cap, 0
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        delay: float = min(self.cap, self.base * 2.0 ** min(self.failures - 1, 16))
+        return delay * random.uniform(0.5, 1.0)  # noqa: S311
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class _Subscription:
+    name = "subscription"
+
+    def __init__(self, on_message: OnMessage, on_reconnect: OnReconnect) -> None:
+        self.on_message = on_message
+        self.on_reconnect = on_reconnect
+        self.connected = asyncio.Event()
+        self.connects = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"sidecar-{self.name}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        backoff = Backoff()
+        while True:
+            try:
+                await self._session(backoff)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure: reconnect (rule 1)
+                log.warning("%s lost: %s", self.name, type(exc).__name__)
+            self.connected.clear()
+            await asyncio.sleep(backoff.next_delay())
+
+    async def _connected(self, backoff: Backoff) -> None:
+        backoff.reset()
+        self.connects += 1
+        if self.connects > 1:
+            await self.on_reconnect()
+        self.connected.set()
+        log.info("%s connected", self.name)
+
+    async def _session(self, backoff: Backoff) -> None:
+        raise NotImplementedError
+
+
+class PostgresListener(_Subscription):
+    """LISTEN on a channel over a dedicated connection (pooled connections get recycled)."""
+
+    name = "postgres-listen"
+
+    def __init__(
+        self, dsn: str, channel: str, on_message: OnMessage, on_reconnect: OnReconnect,
+        *, health_interval: float = 2.0, timeout: float = 5.0,
+    ) -> None:
+        super().__init__(on_message, on_reconnect)
+        self.dsn, self.channel = dsn, channel
+        self.health_interval, self.timeout = health_interval, timeout
+
+    async def _session(self, backoff: Backoff) -> None:
+        conn = await asyncpg.connect(self.dsn, timeout=self.timeout,
+                                     server_settings={"application_name": "apikey-sidecar-listen"})
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        lost = asyncio.Event()
+        try:
+            conn.add_termination_listener(lambda _c: lost.set())
+            await conn.add_listener(self.channel, lambda _c, _pid, _ch, payload: queue.put_nowait(
+                str(payload)))
+            await self._connected(backoff)
+            while not lost.is_set():
+                try:
+                    payload = await asyncio.wait_for(queue.get(), self.health_interval)
+                except TimeoutError:
+                    # Quiet channel: make sure the connection is still there (a killed backend
+                    # is not always noticed until we talk to it).
+                    await conn.fetchval("SELECT 1", timeout=self.timeout)
+                    continue
+                await self.on_message(payload)
+            raise ConnectionError("listen connection terminated")
+        finally:
+            if not conn.is_closed():
+                conn.terminate()
+
+
+class RedisSubscriber(_Subscription):
+    """SUBSCRIBE to a Redis channel."""
+
+    name = "redis-subscribe"
+
+    def __init__(
+        self, client: aioredis.Redis, channel: str, on_message: OnMessage,
+        on_reconnect: OnReconnect,
+    ) -> None:
+        super().__init__(on_message, on_reconnect)
+        self.client, self.channel = client, channel
+
+    async def _session(self, backoff: Backoff) -> None:
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.channel)
+            await self._connected(backoff)
+            while True:
+                msg = await pubsub.get_message(timeout=1.0)
+                if msg is None:
+                    continue
+                data = msg.get("data")
+                if isinstance(data, bytes | str):
+                    await self.on_message(data.decode() if isinstance(data, bytes) else data)
+        except RedisError as exc:
+            raise ConnectionError(type(exc).__name__) from None
+        finally:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]

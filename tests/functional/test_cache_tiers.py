@@ -1,0 +1,361 @@
+"""Cache tiers, single flight, revocation and degradation (SPEC 3.3, 3.4), with real Postgres and
+Redis and, where replicas matter, two sidecar instances sharing them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from sidecar.app import LISTENERS
+from sidecar.services import SERVICES
+from tests.conftest import SCHEMA, Db, Sidecar, SidecarFactory
+from tests.servers import PostgresServer, RedisServer
+
+TENANT_A = str(uuid.uuid4())
+TENANT_B = str(uuid.uuid4())
+ADMIN = "admin-token-0123456789abcdef"
+
+
+async def listening(*sidecars: Sidecar) -> None:
+    for sc in sidecars:
+        for sub in sc.app[LISTENERS]:
+            await asyncio.wait_for(sub.connected.wait(), 10)
+
+
+async def status(http: aiohttp.ClientSession, sc: Sidecar, token: str, path: str = "/a") -> int:
+    async with http.get(sc.url(path), headers={"Authorization": f"Bearer {token}"}) as r:
+        await r.read()
+        return r.status
+
+
+async def within(seconds: float, check: Callable[[], Awaitable[bool]]) -> float:
+    """Poll `check` until true; return the time it took, fail after `seconds`."""
+    started = time.monotonic()
+    while True:
+        if await check():
+            return time.monotonic() - started
+        if time.monotonic() - started > seconds:
+            raise AssertionError(f"condition not met within {seconds}s")
+        await asyncio.sleep(0.02)
+
+
+async def redis_data_calls(client: aioredis.Redis) -> int:
+    """Commands that touch cache data (not the pub/sub connection's own traffic)."""
+    stats = await client.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items()
+               if k.split("_", 1)[1] in ("get", "set", "eval", "del", "sadd", "expire", "smembers"))
+
+
+@pytest.fixture
+async def http() -> Any:
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        yield session
+
+
+async def test_thousand_concurrent_misses_make_one_lookup(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
+    redis_url: str,
+) -> None:
+    token, _ = await db.add_token("app")
+    # One instance without Redis: in-process single flight alone.
+    solo = await make_sidecar(upstream_url=str(upstream.make_url("")))
+    results = await asyncio.gather(*(status(http, solo, token) for _ in range(1000)))
+    assert results == [200] * 1000
+    assert await db.lookup_count() == 1
+
+    # Two instances sharing Redis, a token neither has seen: one lookup in total.
+    token2, _ = await db.add_token("app")
+    a = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_url=redis_url)
+    b = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_url=redis_url)
+    before = await db.lookup_count()
+    results = await asyncio.gather(*(status(http, a if i % 2 else b, token2)
+                                     for i in range(1000)))
+    assert results == [200] * 1000
+    assert await db.lookup_count() - before == 1
+    # The same holds for a token that does not exist (negative answers are shared too).
+    results = await asyncio.gather(*(status(http, a if i % 2 else b, "nope-" + "x" * 20)
+                                     for i in range(400)))
+    assert results == [401] * 400
+    assert await db.lookup_count() - before == 2
+
+
+async def test_fresh_local_entry_makes_no_redis_calls(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
+    redis_url: str, redis_client: aioredis.Redis,
+) -> None:
+    token, _ = await db.add_token("app")
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_url=redis_url,
+                            local_cache_ttl=120)
+    assert await status(http, sc, token) == 200
+    before = await redis_data_calls(redis_client)
+    sem = asyncio.Semaphore(50)
+
+    async def one() -> int:
+        async with sem:
+            return await status(http, sc, token)
+
+    results = await asyncio.gather(*(one() for _ in range(10000)))
+    assert results == [200] * 10000
+    assert await redis_data_calls(redis_client) == before
+
+
+@pytest.mark.parametrize("change", [
+    "DELETE FROM api_tokens WHERE id = $1::uuid",
+    "UPDATE api_tokens SET type = 'dataset' WHERE id = $1::uuid",
+    "UPDATE api_tokens SET token = token || '-rotated' WHERE id = $1::uuid",
+])
+async def test_sql_revocation_reaches_every_replica_within_a_second(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
+    redis_url: str, change: str,
+) -> None:
+    token, row_id = await db.add_token("app")
+    a = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_url=redis_url)
+    b = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_url=redis_url)
+    await listening(a, b)
+    assert await status(http, a, token) == 200
+    assert await status(http, b, token) == 200
+    await db.conn.execute(change, row_id)
+
+    async def refused() -> bool:
+        return await status(http, a, token) == 401 and await status(http, b, token) == 401
+
+    elapsed = await within(1.0, refused)
+    print(f"refused by both replicas after {elapsed * 1000:.0f} ms")
+
+
+async def test_last_used_writes_do_not_invalidate(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    token, _ = await db.add_token("app")
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")), last_used_flush_interval=0.1)
+    await listening(sc)
+    for _ in range(5):
+        assert await status(http, sc, token) == 200
+        await asyncio.sleep(0.15)
+    assert await db.conn.fetchval("SELECT count(*) FROM api_tokens WHERE last_used_at IS NOT NULL")
+    assert await db.lookup_count() == 1
+    assert sc.app[SERVICES].metrics.invalidations.labels(source="notify")._value.get() == 0
+
+
+async def test_insert_clears_negative_entry(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
+    redis_url: str,
+) -> None:
+    token = "app-created-later-" + uuid.uuid4().hex
+    a = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_url=redis_url)
+    b = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_url=redis_url)
+    await listening(a, b)
+    assert await status(http, a, token) == 401
+    assert await status(http, b, token) == 401  # negative entry now in L1 of both and in Redis
+    await db.add_token("app", token=token)
+
+    async def accepted() -> bool:
+        return await status(http, a, token) == 200 and await status(http, b, token) == 200
+
+    await within(1.0, accepted)
+
+
+async def test_hashed_storage_invalidation_uses_the_same_digest(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
+) -> None:
+    from sidecar.cache import token_digest
+
+    token = "app-hashed-" + uuid.uuid4().hex
+    _, row_id = await db.add_token("app", token=token, stored=token_digest(token))
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")), token_hash="sha256")
+    await listening(sc)
+    assert await status(http, sc, token) == 200
+    await db.conn.execute("DELETE FROM api_tokens WHERE id = $1::uuid", row_id)
+
+    async def refused() -> bool:
+        return await status(http, sc, token) == 401
+
+    await within(1.0, refused)
+
+
+async def test_admin_invalidate(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
+    redis_url: str,
+) -> None:
+    tokens_a = [(await db.add_token("app", tenant_id=TENANT_A))[0] for _ in range(3)]
+    token_b, _ = await db.add_token("app", tenant_id=TENANT_B)
+    a = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_url=redis_url,
+                           admin_token=ADMIN)
+    b = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_url=redis_url,
+                           admin_token=ADMIN)
+    await listening(a, b)
+    for sc in (a, b):
+        for t in [*tokens_a, token_b]:
+            assert await status(http, sc, t) == 200
+    base = await db.lookup_count()
+    assert base == 4  # shared through Redis
+
+    url = a.ops_url("/admin/invalidate")
+    body = {"tenant_id": TENANT_A}
+    for headers in ({}, {"Authorization": "Bearer wrong-admin-token-xxxxxxx"},
+                    {"Authorization": f"Basic {ADMIN}"}):
+        async with http.post(url, json=body, headers=headers) as r:
+            assert r.status == 401
+            assert r.headers["WWW-Authenticate"] == 'Bearer realm="api"'
+    async with http.post(url, json={"nothing": 1},
+                         headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        assert r.status == 400
+    async with http.post(url, json=body, headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        assert r.status == 200
+        assert orjson.loads(await r.read()) == {"invalidated": "tenant", "tenant_id": TENANT_A}
+
+    async def reread() -> bool:
+        # Tenant A's tokens are looked up again (once each, shared through Redis) on both
+        # replicas; tenant B's token is not.
+        for sc in (a, b):
+            for t in [*tokens_a, token_b]:
+                assert await status(http, sc, t) == 200
+        return await db.lookup_count() == base + 3
+
+    await within(2.0, reread)
+
+    # One token, every scope, by the raw token (never echoed back).
+    async with http.post(url, json={"token": token_b},
+                         headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        assert r.status == 200
+        assert token_b not in await r.text()
+    await asyncio.sleep(0.2)  # pub/sub reaches replica b
+    assert await status(http, b, token_b) == 200
+    assert await db.lookup_count() == base + 4
+
+    no_admin = await make_sidecar(upstream_url=str(upstream.make_url("")))
+    async with http.post(no_admin.ops_url("/admin/invalidate"), json=body,
+                         headers={"Authorization": f"Bearer {ADMIN}"}) as r:
+        assert r.status == 404
+
+
+async def test_postgres_down_stale_if_error_then_recovery(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
+    own_postgres: PostgresServer,
+) -> None:
+    conn = await asyncpg.connect(own_postgres.dsn)
+    await conn.execute(SCHEMA)
+    tokens = []
+    for _ in range(3):
+        t = "app-" + uuid.uuid4().hex
+        await conn.execute("INSERT INTO api_tokens (type, token) VALUES ('app', $1)", t)
+        tokens.append(t)
+    await conn.close()
+    common = {"upstream_url": str(upstream.make_url("")), "database_url": own_postgres.dsn,
+              "cache_ttl": 1, "local_cache_ttl": 0.2, "database_timeout": 1}
+    stale = await make_sidecar(**common)
+    strict = await make_sidecar(**common, stale_if_error=0)
+    for sc in (stale, strict):
+        assert await status(http, sc, tokens[0]) == 200
+    own_postgres.stop()
+    await asyncio.sleep(1.2)  # the cached entries are past their TTL now
+
+    assert await status(http, stale, tokens[0]) == 200  # stale-if-error
+    async with http.get(stale.url("/a"), headers={"Authorization": f"Bearer {tokens[1]}"}) as r:
+        assert r.status == 503
+        assert orjson.loads(await r.read()) == {
+            "code": "auth_unavailable", "message": "Authentication is temporarily unavailable",
+            "status": 503}
+    assert await status(http, strict, tokens[0]) == 503  # fails closed
+    metrics = stale.app[SERVICES].metrics
+    assert metrics.cache_lookups.labels(tier="stale", result="stale")._value.get() >= 1
+    async with http.get(stale.ops_url("/readyz")) as r:
+        assert r.status == 200  # it can still answer for warm tokens
+        assert orjson.loads(await r.read())["postgres"] == "down"
+
+    own_postgres.start()
+
+    async def recovered() -> bool:
+        results = [await status(http, sc, t) for sc in (stale, strict) for t in tokens]
+        return results == [200] * len(results)
+
+    elapsed = await within(15.0, recovered)
+    print(f"recovered {elapsed:.1f}s after Postgres came back")
+
+
+async def test_redis_outage_under_load_uses_circuit_breaker(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
+    own_redis: RedisServer,
+) -> None:
+    tokens = [(await db.add_token("app"))[0] for _ in range(20)]
+    # L1 off: every request needs L2, so a Redis outage is felt by every request.
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_url=own_redis.url,
+                            local_cache_size=0)
+    metrics = sc.app[SERVICES].metrics
+    statuses: list[int] = []
+    stop = asyncio.Event()
+
+    async def load() -> None:
+        i = 0
+        while not stop.is_set():
+            statuses.append(await status(http, sc, tokens[i % len(tokens)]))
+            i += 1
+
+    def redis_errors() -> float:
+        return sum(s.value for f in metrics.registry.collect() if f.name == "sidecar_redis_errors"
+                   for s in f.samples if s.name.endswith("_total"))
+
+    workers = [asyncio.create_task(load()) for _ in range(4)]
+    await asyncio.sleep(0.5)
+    own_redis.stop()
+    outage_started = len(statuses)
+    await asyncio.sleep(3.0)
+    outage_requests = len(statuses) - outage_started
+    errors_during_outage = redis_errors()
+    assert metrics.redis_circuit_open._value.get() == 1
+    own_redis.start()
+
+    async def redis_used_again() -> bool:
+        return metrics.redis_circuit_open._value.get() == 0
+
+    elapsed = await within(20.0, redis_used_again)
+    stop.set()
+    await asyncio.gather(*workers)
+    assert statuses and all(s == 200 for s in statuses), set(statuses)
+    # Without a breaker every request would have failed against Redis; with it, only probes.
+    assert outage_requests > 100
+    assert errors_during_outage <= 12, (errors_during_outage, outage_requests)
+    print(f"{outage_requests} requests during a 3 s Redis outage, {errors_during_outage:.0f} "
+          f"Redis errors; Redis used again {elapsed:.1f}s after restart")
+    # The restarted Redis is empty: the first request fills it, the second is answered by it.
+    hits_before = metrics.cache_lookups.labels(tier="l2", result="hit")._value.get()
+    assert await status(http, sc, tokens[0]) == 200
+    assert await status(http, sc, tokens[0]) == 200
+    assert metrics.cache_lookups.labels(tier="l2", result="hit")._value.get() >= hits_before + 1
+
+
+async def test_listen_connection_killed_reconnects(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    token, row_id = await db.add_token("app")
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")))
+    await listening(sc)
+    listener = sc.app[LISTENERS][0]
+    assert await status(http, sc, token) == 200
+    killed = await db.conn.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE application_name = 'apikey-sidecar-listen'")
+    assert killed == 1
+
+    async def reconnected() -> bool:
+        return listener.connects >= 2 and listener.connected.is_set()
+
+    elapsed = await within(10.0, reconnected)
+    print(f"LISTEN reconnected after {elapsed:.1f}s")
+    assert await status(http, sc, token) == 200
+    await db.conn.execute("DELETE FROM api_tokens WHERE id = $1::uuid", row_id)
+
+    async def refused() -> bool:
+        return await status(http, sc, token) == 401
+
+    await within(1.0, refused)

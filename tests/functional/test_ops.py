@@ -68,7 +68,8 @@ async def test_health_and_readiness(
     async with aiohttp.ClientSession() as http:
         async with http.get(bare.ops_url("/readyz")) as r:
             doc = orjson.loads(await r.read())
-        assert doc["redis"] == "disabled" and doc["upstream"] == "disabled"
+        assert doc["redis"] == "disabled"
+        assert doc["upstream"] == "disabled"
         async with http.get(bare.url("/anything")) as r:
             assert r.status == 404
 
@@ -131,7 +132,8 @@ def test_bad_password_in_invalid_dsn_is_not_printed() -> None:
 async def test_schema_and_token_commands(own_postgres: PostgresServer) -> None:
     env = {"SIDECAR_DATABASE_URL": own_postgres.dsn}
     printed = run_cli("schema", env={})
-    assert printed.returncode == 0 and "CREATE TABLE IF NOT EXISTS api_tokens" in printed.stdout
+    assert printed.returncode == 0
+    assert "CREATE TABLE IF NOT EXISTS api_tokens" in printed.stdout
     for _ in range(2):  # idempotent
         res = run_cli("schema", "--apply", env=env)
         assert res.returncode == 0, res.stderr
@@ -149,4 +151,5 @@ async def test_schema_and_token_commands(own_postgres: PostgresServer) -> None:
                   env={**env, "SIDECAR_TOKEN_HASH": "sha256"})
     token = res.stdout.strip()
     stored = own_postgres.psql("SELECT token FROM api_tokens")
-    assert stored != token and len(stored) == 64
+    assert stored != token
+    assert len(stored) == 64

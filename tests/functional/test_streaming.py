@@ -186,5 +186,7 @@ async def test_sigterm_finishes_in_flight_and_exits_zero(
     # JSON access log line, without the token.
     lines = [orjson.loads(line) for line in output.splitlines() if line.startswith("{")]
     access = [entry for entry in lines if entry.get("msg") == "access"]
-    assert access and access[0]["status"] == 200 and access[0]["token_id"] == row_id
+    assert access
+    assert access[0]["status"] == 200
+    assert access[0]["token_id"] == row_id
     assert token not in output

@@ -1,9 +1,12 @@
 """Which scope a request needs, and whether it needs a token at all (SPEC 3.2).
 
 Rules that hold here:
-1. Matching happens on the most-decoded form of the path (every percent-escape decoded once,
-   `.`/`..` segments resolved, duplicate slashes collapsed), so no spelling of a path can
-   pick a weaker scope than the one an upstream that decodes the path would route to.
+1. An escaped slash (`%2F`) is read two ways, because upstreams differ: as a separator (the
+   path fully decoded, then `.`/`..` resolved: werkzeug and friends) and as data (only
+   unreserved escapes decoded: routers that match before decoding). A request is public only
+   when both readings are public; otherwise it needs the scope its protected readings agree
+   on, or, when they disagree, a scope no token has. No spelling of a path can pick a
+   weaker scope than the route an upstream would take.
 2. Prefixes match on segment boundaries: `/v1/datasets` matches `/v1/datasets` and
    `/v1/datasets/x`, never `/v1/datasetsx`.
 3. The longest matching prefix wins. No I/O, no aiohttp: pure functions.
@@ -150,9 +153,12 @@ class Router:
         """`None` when the request is public; otherwise the scope its token must have.
 
         A path that no scope route covers gets the empty scope, which no token has: it is
-        refused rather than let through (fail closed).
+        refused rather than let through (fail closed). See rule 1 for the two readings.
         """
-        path = match_path(raw_path)
-        if self.is_public(method.upper(), path):
+        method = method.upper()
+        readings = {match_path(raw_path), normalize_path(raw_path)}
+        protected = {p for p in readings if not self.is_public(method, p)}
+        if not protected:
             return None
-        return self.scope_for(path) or ""
+        scopes = {self.scope_for(p) or "" for p in protected}
+        return scopes.pop() if len(scopes) == 1 else ""

@@ -1,0 +1,201 @@
+"""The Authenticator's decisions with fake tiers (pure logic; the real tiers are exercised in
+tests/functional)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+import pytest
+
+from sidecar.auth import Authenticator, LockPolicy
+from sidecar.cache import CacheEntry, LocalCache
+from sidecar.errors import AuthUnavailable, InvalidToken, StoreUnavailable
+from sidecar.metrics import Metrics
+from sidecar.models import TokenRecord
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str], TokenRecord] = {}
+        self.calls = 0
+        self.down = False
+        self.delay = 0.0
+
+    async def lookup(self, token: str, scope: str) -> TokenRecord | None:
+        self.calls += 1
+        row = self.rows.get((token, scope))  # read first, answer later: a snapshot in flight
+        await asyncio.sleep(self.delay)
+        if self.down:
+            raise StoreUnavailable("down")
+        return row
+
+
+class FakeShared:
+    def __init__(self) -> None:
+        self.data: dict[str, CacheEntry] = {}
+        self.locks: dict[str, str] = {}
+        self.available = True
+
+    async def get(self, key: str) -> CacheEntry | None:
+        return self.data.get(key) if self.available else None
+
+    async def set(self, key: str, entry: CacheEntry, now: float | None = None) -> None:
+        if self.available:
+            self.data[key] = entry
+
+    async def try_lock(self, key: str, ttl: float) -> str | None:
+        if not self.available or key in self.locks:
+            return None
+        self.locks[key] = "me"
+        return "me"
+
+    async def unlock(self, key: str, owner: str) -> None:
+        if self.locks.get(key) == owner:
+            del self.locks[key]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(store: FakeStore, shared: FakeShared | None = None, clock: Clock | None = None,
+         **kw: float) -> Authenticator:
+    return Authenticator(
+        store, local=LocalCache(100, kw.pop("local_ttl", 10.0)), shared=shared,
+        metrics=Metrics(), ttl=kw.pop("ttl", 600), negative_ttl=60,
+        stale_if_error=kw.pop("stale", 300), clock=clock or Clock(),
+        lock=LockPolicy(ttl=10, wait=kw.pop("wait", 5.0), first_poll=0.001, max_poll=0.01),
+    )
+
+
+REC = TokenRecord("row-1", "tenant", "app-id", "app")
+
+
+async def test_allows_and_fills_caches() -> None:
+    store, shared = FakeStore(), FakeShared()
+    store.rows[("tok", "app")] = REC
+    auth = make(store, shared)
+    ident = await auth.authenticate("tok", "app")
+    assert (ident.token_id, ident.tenant_id, ident.app_id, ident.scope) == (
+        "row-1", "tenant", "app-id", "app")
+    await auth.authenticate("tok", "app")
+    assert store.calls == 1
+    assert len(shared.data) == 1
+    assert "tok" not in next(iter(shared.data))
+
+
+async def test_wrong_scope_unknown_disabled_expired_are_invalid() -> None:
+    store = FakeStore()
+    store.rows[("tok", "app")] = REC
+    past = datetime.now() - timedelta(days=400)  # naive on purpose: Dify stores naive UTC
+    store.rows[("old", "app")] = TokenRecord("r2", None, None, "app", expires_at=past)
+    store.rows[("off", "app")] = TokenRecord("r3", None, None, "app", disabled=True)
+    auth = make(store)
+    for token, scope in (("tok", "dataset"), ("nope", "app"), ("old", "app"), ("off", "app")):
+        with pytest.raises(InvalidToken):
+            await auth.authenticate(token, scope)
+
+
+async def test_single_flight_in_process() -> None:
+    store = FakeStore()
+    store.rows[("tok", "app")] = REC
+    store.delay = 0.05
+    auth = make(store)
+    results = await asyncio.gather(*(auth.authenticate("tok", "app") for _ in range(200)))
+    assert {r.token_id for r in results} == {"row-1"}
+    assert store.calls == 1
+
+
+async def test_single_flight_shares_errors_too() -> None:
+    store = FakeStore()
+    store.down = True
+    store.delay = 0.02
+    auth = make(store)
+    results = await asyncio.gather(*(auth.authenticate("tok", "app") for _ in range(50)),
+                                   return_exceptions=True)
+    assert all(isinstance(r, AuthUnavailable) for r in results)
+    assert store.calls == 1
+
+
+async def test_stale_if_error_window() -> None:
+    store, clock = FakeStore(), Clock()
+    store.rows[("tok", "app")] = REC
+    auth = make(store, clock=clock, ttl=60, stale=30)
+    await auth.authenticate("tok", "app")
+    store.down = True
+    clock.now += 61  # expired 1 s ago: within the stale window
+    assert (await auth.authenticate("tok", "app")).token_id == "row-1"
+    clock.now += 30  # expired 31 s ago
+    with pytest.raises(AuthUnavailable):
+        await auth.authenticate("tok", "app")
+    with pytest.raises(AuthUnavailable):
+        await auth.authenticate("never-seen", "app")
+
+
+async def test_negative_entry_does_not_answer_an_outage_past_its_ttl() -> None:
+    store, clock = FakeStore(), Clock()
+    auth = make(store, clock=clock)
+    with pytest.raises(InvalidToken):
+        await auth.authenticate("nope", "app")
+    store.down = True
+    with pytest.raises(InvalidToken):  # fresh negative entry: still a 401
+        await auth.authenticate("nope", "app")
+    clock.now += 61
+    with pytest.raises(AuthUnavailable):  # expired: cannot say, so 503, not 401
+        await auth.authenticate("nope", "app")
+
+
+async def test_lookup_overlapping_an_invalidation_is_not_cached() -> None:
+    store = FakeStore()
+    store.rows[("tok", "app")] = REC
+    store.delay = 0.05
+    auth = make(store)
+    pending = asyncio.ensure_future(auth.authenticate("tok", "app"))
+    await asyncio.sleep(0.01)
+    del store.rows[("tok", "app")]  # revoked while the lookup was in flight...
+    auth.forget(auth.digest("tok"))  # ...and the invalidation arrives before it returns
+    assert (await pending).token_id == "row-1"  # that request saw the old row
+    with pytest.raises(InvalidToken):  # but it was not cached
+        await auth.authenticate("tok", "app")
+    assert store.calls == 2
+
+
+async def test_waits_for_the_lock_holder_instead_of_querying() -> None:
+    store, shared = FakeStore(), FakeShared()
+    store.rows[("tok", "app")] = REC
+    auth = make(store, shared)
+    key = f"{auth.digest('tok')}:app"
+    shared.locks[key] = "other-replica"
+
+    async def other_replica_answers() -> None:
+        await asyncio.sleep(0.05)
+        shared.data[key] = CacheEntry(REC, 10_000.0, 10_000.0)
+        del shared.locks[key]
+
+    helper = asyncio.ensure_future(other_replica_answers())
+    ident = await auth.authenticate("tok", "app")
+    await helper
+    assert ident.token_id == "row-1"
+    assert store.calls == 0
+
+
+async def test_lock_wait_timeout_or_redis_down_queries_postgres() -> None:
+    store, shared = FakeStore(), FakeShared()
+    store.rows[("tok", "app")] = REC
+    auth = make(store, shared, wait=0.05)
+    shared.locks[f"{auth.digest('tok')}:app"] = "stuck-replica"
+    assert (await auth.authenticate("tok", "app")).token_id == "row-1"
+    assert store.calls == 1
+    assert auth.metrics.lock_timeouts._value.get() == 1
+
+    store2, down = FakeStore(), FakeShared()
+    store2.rows[("tok", "app")] = REC
+    down.available = False
+    auth2 = make(store2, down)
+    assert (await auth2.authenticate("tok", "app")).token_id == "row-1"
+    assert store2.calls == 1

@@ -21,8 +21,14 @@ from sidecar.settings import Settings, SettingsError, load_settings
 log = logging.getLogger("sidecar")
 
 
-def schema_sql() -> str:
-    return importlib.resources.files("sidecar").joinpath("schema.sql").read_text()
+DEFAULT_CHANNEL = "sidecar_invalidate"
+
+
+def schema_sql(channel: str = DEFAULT_CHANNEL) -> str:
+    """The shipped schema with the NOTIFY channel the triggers use set to `channel` (a
+    validated identifier, see Settings.notify_channel)."""
+    sql = importlib.resources.files("sidecar").joinpath("schema.sql").read_text()
+    return sql.replace(f"'{DEFAULT_CHANNEL}'", f"'{channel}'")
 
 
 def _settings_or_exit() -> Settings:
@@ -35,7 +41,7 @@ def _settings_or_exit() -> Settings:
         raise SystemExit(2) from None
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
     from sidecar.app import create_app, create_ops_app
     from sidecar.logs import AccessLogger
 
@@ -49,8 +55,9 @@ async def _serve(settings: Settings) -> None:
     await ops_runner.setup()
     try:
         await web.TCPSite(runner, settings.listen.host, settings.listen.port,
-                          backlog=2048).start()
-        await web.TCPSite(ops_runner, settings.ops_listen.host, settings.ops_listen.port).start()
+                          backlog=2048, reuse_port=reuse_port or None).start()
+        await web.TCPSite(ops_runner, settings.ops_listen.host, settings.ops_listen.port,
+                          reuse_port=reuse_port or None).start()
         log.info("listening", extra={"fields": {
             "listen": str(settings.listen), "ops_listen": str(settings.ops_listen),
             "mode": "proxy" if settings.upstream_url else "decision-only",
@@ -75,8 +82,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings_or_exit()
     setup_logging(settings.log_level)
-    asyncio.run(_serve(settings))
-    return 0
+    if args.workers < 1:
+        print("--workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers == 1:
+        asyncio.run(_serve(settings))
+        return 0
+    from sidecar.workers import run_workers
+
+    def work() -> int:
+        asyncio.run(_serve(settings, reuse_port=True))
+        return 0
+
+    return run_workers(args.workers, work)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -87,11 +105,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    sql = schema_sql()
     if not args.apply:
-        print(sql)
+        # Printing needs no database, only the channel: a placeholder DSN lets the rest of the
+        # environment (SIDECAR_NOTIFY_CHANNEL) be read and validated as usual.
+        try:
+            channel = load_settings(database_url="postgresql://unused/unused").notify_channel
+        except SettingsError:
+            channel = _settings_or_exit().notify_channel
+        print(schema_sql(channel))
         return 0
     settings = _settings_or_exit()
+    sql = schema_sql(settings.notify_channel)
 
     async def apply() -> None:
         conn = await asyncpg.connect(settings.database_url.get_secret_value())
@@ -154,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command")
     p = sub.add_parser("serve", help="run the proxy/decision listener and the ops listener")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the ports via SO_REUSEPORT (default 1)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("check-config", help="validate settings and print them, secrets redacted")
     p.set_defaults(func=cmd_check_config)
@@ -178,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["serve", *(argv or [])])
+        args = parser.parse_args(["serve"])
     return int(args.func(args))
 
 

@@ -6,7 +6,10 @@ tier, result, kind, status class). A token, a path or a tenant id is never a lab
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as _multiprocess
 
 # Auth decisions on the hot path are tens of microseconds; a store round trip is milliseconds.
 _AUTH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
@@ -24,7 +27,8 @@ class Metrics:
             ["outcome", "scope"], registry=r,
         )
         self.in_flight = Gauge(
-            "sidecar_in_flight_requests", "Requests being handled now.", registry=r
+            "sidecar_in_flight_requests", "Requests being handled now.", registry=r,
+            multiprocess_mode="livesum",
         )
         self.auth_latency = Histogram(
             "sidecar_auth_duration_seconds", "Time to decide allow/deny for a request.",
@@ -55,6 +59,7 @@ class Metrics:
         self.redis_circuit_open = Gauge(
             "sidecar_redis_circuit_open",
             "1 while Redis is considered down and only probed, else 0.", registry=r,
+            multiprocess_mode="livemax",
         )
         self.upstream_responses = Counter(
             "sidecar_upstream_responses", "Upstream responses by status class (2xx..5xx) "
@@ -71,7 +76,7 @@ class Metrics:
         )
         self.last_used_pending = Gauge(
             "sidecar_last_used_pending", "Token ids waiting for their last_used_at write.",
-            registry=r,
+            registry=r, multiprocess_mode="livesum",
         )
         self.last_used_rows_flushed = Counter(
             "sidecar_last_used_rows_flushed", "Rows whose last_used_at was written.", registry=r
@@ -87,3 +92,13 @@ class Metrics:
             "sidecar_last_used_dropped",
             "Token ids not recorded because the pending set was full.", registry=r,
         )
+
+    def exposition(self) -> bytes:
+        """The text format: this process's registry, or with `serve --workers N` (Prometheus
+        multiprocess mode) the sum over every worker's files."""
+        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not path:
+            return bytes(generate_latest(self.registry))
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
+        return bytes(generate_latest(registry))

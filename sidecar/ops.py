@@ -11,7 +11,7 @@ import asyncio
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from sidecar.admin import invalidate
 from sidecar.services import MAIN_APP, Services, ops_services
@@ -65,7 +65,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     svc = ops_services(request)
     svc.metrics.last_used_pending.set(svc.usage.pending)
-    body = generate_latest(svc.metrics.registry)
+    body = svc.metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -134,6 +134,9 @@ async def test_schema_and_token_commands(own_postgres: PostgresServer) -> None:
     printed = run_cli("schema", env={})
     assert printed.returncode == 0
     assert "CREATE TABLE IF NOT EXISTS api_tokens" in printed.stdout
+    custom = run_cli("schema", env={"SIDECAR_NOTIFY_CHANNEL": "tokens_changed"})
+    assert "sidecar_token_notify('tokens_changed')" in custom.stdout
+    assert "'sidecar_invalidate'" not in custom.stdout
     for _ in range(2):  # idempotent
         res = run_cli("schema", "--apply", env=env)
         assert res.returncode == 0, res.stderr

@@ -8,7 +8,8 @@ reverse and only for what started (the last-used queue flushes before the pool c
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -101,7 +102,7 @@ class _LazyWriter:
         self._metrics = metrics
         self._writer: PostgresLastUsedWriter | None = None
 
-    async def write_last_used(self, batch):  # type: ignore[no-untyped-def]
+    async def write_last_used(self, batch: Sequence[tuple[str, datetime]]) -> int:
         if self._writer is None:
             self._writer = PostgresLastUsedWriter(
                 self._store.pool, min_age=self._min_age, metrics=self._metrics

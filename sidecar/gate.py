@@ -69,8 +69,9 @@ async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamR
         metrics.requests.labels(outcome=info.outcome or "error", scope=info.scope or "none").inc()
 
 
-async def authorize(request: web.Request, svc: Services, method: str, raw_path: str) -> (
-        Identity | None):
+async def authorize(
+    request: web.Request, svc: Services, method: str, raw_path: str
+) -> Identity | None:
     """Decide on a request for (method, raw path): the Identity, None for a public route,
     or raise Unauthorized / AuthUnavailable."""
     info = info_of(request)

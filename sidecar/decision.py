@@ -10,9 +10,9 @@ Rules that hold here:
      request is judged on its own path and method: `/` for a bare `/_sidecar/auth`.
 2. A trusted proxy passes the client's other headers through (Traefik copies all of them into
    the auth request, an nginx subrequest carries them too), so a client can add the family of
-   headers that proxy does not set. Every description present must therefore agree, after the
-   normalisation the router applies, or the answer is 400: a client can make its own request
-   fail, never make it pass as a different one.
+   headers that proxy does not set. Every description present must therefore agree (as paths
+   normalised for forwarding, so mere spellings of one path do), or the answer is 400: a
+   client can make its own request fail, never make it pass as a different one.
 3. The decision itself is `sidecar.gate.authorize`: the same routing, credentials, cache tiers,
    last-used queue and metrics as a proxied request. Its errors become 401/429/503 responses in
    `gate_middleware`, like everywhere else.
@@ -37,7 +37,7 @@ from sidecar.context import info_of
 from sidecar.gate import authorize, not_found
 from sidecar.headers import IDENTITY_HEADERS, identity_headers
 from sidecar.responses import json_error
-from sidecar.routing import match_path
+from sidecar.routing import normalize_path
 from sidecar.services import SERVICES
 
 log = logging.getLogger("sidecar.decision")
@@ -99,6 +99,9 @@ class OriginalRequest:
 
     method: str
     path: str
+    # Original-request headers sent to the bare endpoint by a peer we do not trust: the one
+    # case where a misconfigured proxy silently gets its requests judged as `/`.
+    ignored: tuple[str, ...] = ()
 
 
 def _path_of(target: str, source: str) -> str:
@@ -107,8 +110,11 @@ def _path_of(target: str, source: str) -> str:
         raise BadDecisionRequest(f"{source} is not a valid request target")
     if target.startswith("/"):
         return target.partition("?")[0]
-    parts = urlsplit(target)
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(target)
+    except ValueError:  # e.g. an unclosed IPv6 literal
+        parts = None
+    if parts is None or parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         raise BadDecisionRequest(f"{source} is not a valid request target")
     return parts.path or "/"
 
@@ -127,28 +133,34 @@ def _tail_of(raw_target: str) -> str:
 def original_request(request: web.BaseRequest, *, trusted: bool) -> OriginalRequest:
     """Which request the caller asks about (rules 1 and 2)."""
     tail = _tail_of(request.raw_path)
+    if not trusted:
+        ignored = () if tail else tuple(
+            h for pair in ORIGINAL_HEADERS for h in pair if h in request.headers)
+        return OriginalRequest(request.method.upper(), tail or "/", ignored)
+
     paths: list[tuple[str, str]] = []  # (raw path, where it came from)
     methods: list[tuple[str, str]] = []
     if tail:
         paths.append((tail, "the path after " + DECISION_PATH))
         methods.append((request.method, "the request method"))
-    if trusted:
-        for uri_header, method_header in ORIGINAL_HEADERS:
-            for value in request.headers.getall(uri_header, ()):
-                if value.strip():
-                    paths.append((_path_of(value.strip(), uri_header), uri_header))
-            for value in request.headers.getall(method_header, ()):
-                if value.strip():
-                    methods.append((value.strip(), method_header))
+    for uri_header, method_header in ORIGINAL_HEADERS:
+        for value in request.headers.getall(uri_header, ()):
+            if value.strip():
+                paths.append((_path_of(value.strip(), uri_header), uri_header))
+        for value in request.headers.getall(method_header, ()):
+            if value.strip():
+                methods.append((value.strip(), method_header))
     path, path_source = paths[0] if paths else ("/", "the request path")
     method, method_source = methods[0] if methods else (request.method, "the request method")
 
-    # Compared as the router sees them, so spellings of one path (nginx's raw `$request_uri`,
-    # Traefik's re-escaped one) agree, and only descriptions of different requests conflict.
-    seen = match_path(path)
-    for other, source in paths[1:]:
-        if match_path(other) != seen:
-            raise BadDecisionRequest(f"{source} and {path_source} describe different paths")
+    if len(paths) > 1:
+        # Compared in the form the path is forwarded in, which fixes every reading the router
+        # makes of it: spellings of one path (nginx's raw $request_uri, Traefik's re-escaped
+        # one) agree, while `/v1%2Fdatasets` and `/v1/datasets` stay different requests.
+        seen = normalize_path(path)
+        for other, source in paths[1:]:
+            if normalize_path(other) != seen:
+                raise BadDecisionRequest(f"{source} and {path_source} describe different paths")
     if not _METHOD_RE.match(method):
         raise BadDecisionRequest(f"{method_source} is not a valid method")
     for other, source in methods[1:]:
@@ -161,21 +173,19 @@ def make_decision_handler() -> Callable[[web.Request], Awaitable[web.StreamRespo
     """The handler of `DECISION_ROUTE`; one per app (it keeps its own log throttle)."""
     last_warning = -_UNTRUSTED_WARNING_INTERVAL
 
-    def warn_untrusted(request: web.Request) -> None:
+    def warn_untrusted(request: web.Request, ignored: tuple[str, ...]) -> None:
         # An operator who forgot SIDECAR_TRUSTED_PROXIES gets every request judged as `/`:
         # say so, at most once a minute, since any client can send these headers too.
         nonlocal last_warning
         now = time.monotonic()
         if now - last_warning < _UNTRUSTED_WARNING_INTERVAL:
             return
-        names = [h for pair in ORIGINAL_HEADERS for h in pair if h in request.headers]
-        if names:
-            last_warning = now
-            log.warning(
-                "ignored original-request headers from an untrusted peer; is the proxy's "
-                "address missing from SIDECAR_TRUSTED_PROXIES?",
-                extra={"fields": {"peer": request.remote, "headers": names}},
-            )
+        last_warning = now
+        log.warning(
+            "ignored original-request headers from an untrusted peer; is the proxy's "
+            "address missing from SIDECAR_TRUSTED_PROXIES?",
+            extra={"fields": {"peer": request.remote, "headers": list(ignored)}},
+        )
 
     async def decision_handler(request: web.Request) -> web.StreamResponse:
         svc = request.app[SERVICES]
@@ -187,8 +197,8 @@ def make_decision_handler() -> Callable[[web.Request], Awaitable[web.StreamRespo
         except BadDecisionRequest as exc:
             info_of(request).outcome = "bad_request"
             return json_error(400, "bad_request", exc.message)
-        if not trusted:
-            warn_untrusted(request)
+        if original.ignored:
+            warn_untrusted(request, original.ignored)
         identity = await authorize(request, svc, original.method, original.path)
         if identity is None:
             return web.Response(status=200, headers={ENVOY_REMOVE_HEADER: _REMOVE_ON_PUBLIC})

@@ -1,14 +1,17 @@
 """Header hygiene (SPEC 5, 6): what a client may not send on, and what the sidecar adds.
 
 Rules that hold here:
-1. Identity header names are compared after lower-casing and mapping `_` to `-`, because
-   several servers (gunicorn/werkzeug among them) treat `X_Tenant_Id` as `X-Tenant-Id`.
+1. Identity header names are compared after lower-casing and mapping every character other
+   than a letter or digit to `-`, because several servers (gunicorn/werkzeug, CGI, PHP) read
+   `X_Tenant_Id` or even `X.Tenant.Id` as `X-Tenant-Id`.
 2. Forwarding headers from a client are believed only when its peer address is trusted.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 from collections.abc import Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -31,8 +34,11 @@ _FORWARDING = frozenset({
 })
 
 
+_NOT_ALNUM = re.compile(r"[^0-9a-z]")
+
+
 def canonical(name: str) -> str:
-    return name.lower().replace("_", "-")
+    return _NOT_ALNUM.sub("-", name.lower())
 
 
 def is_identity(name: str) -> bool:
@@ -51,16 +57,21 @@ def identity_headers(identity: Identity) -> dict[str, str]:
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def peer_trusted(peer: str | None, trusted: Iterable[IPNetwork]) -> bool:
-    if not peer:
-        return False
+@functools.lru_cache(maxsize=4096)
+def _address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Parsed once per distinct peer: this runs for every request."""
     try:
         addr = ipaddress.ip_address(peer.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in trusted)
+        return addr.ipv4_mapped
+    return addr
+
+
+def peer_trusted(peer: str | None, trusted: Iterable[IPNetwork]) -> bool:
+    addr = _address(peer) if peer else None
+    return addr is not None and any(addr in net for net in trusted)
 
 
 def connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:

@@ -21,7 +21,7 @@ def proxy(pairs: list[tuple[str, str]]) -> CIMultiDictProxy[str]:
 
 def test_identity_names_in_every_spelling() -> None:
     for name in ("X-Tenant-Id", "x-tenant-id", "X_Tenant_Id", "X-API-TOKEN-SCOPE",
-                 "x_api_token_id", "X-App_Id"):
+                 "x_api_token_id", "X-App_Id", "X.Tenant.Id", "X~App~Id"):
         assert is_identity(name)
     assert not is_identity("X-Tenant")
 

@@ -1,7 +1,11 @@
 """The decision endpoint `/_sidecar/auth` on a cached token, next to a bare aiohttp handler.
 
-    .venv/bin/python benchmarks/bench_decision.py [--requests 3000] [--seconds 4]
-        [--concurrency 32] [--rounds 5]
+    .venv/bin/python benchmarks/bench_decision.py [--target decision|proxy] [--requests 3000]
+        [--seconds 4] [--concurrency 32] [--rounds 5]
+
+With `--target proxy` the same harness measures the proxy instead: the bare handler is the
+upstream, asked once directly and once through the sidecar in proxy mode (L1 hit), so the
+difference is what the sidecar adds to a request on its way to the API.
 
 Two servers, each in a process of its own started the same way (default asyncio loop, one
 AppRunner, access log off, loopback): the sidecar in decision-only mode, and an
@@ -82,6 +86,7 @@ def make_sidecar_app() -> object:
 
     settings = load_settings(
         database_url=os.environ["BENCH_DATABASE_URL"],
+        upstream_url=os.environ.get("BENCH_UPSTREAM_URL") or None,
         scope_routes="/v1/datasets=dataset,/v1/workspaces/current/models=dataset,/=app",
     )
     return create_app(settings)
@@ -114,13 +119,17 @@ def start_server(name: str, make_app: Callable[[], object]) -> Server:
 
 # --- client ------------------------------------------------------------------------------
 
-def request_bytes(port: int) -> bytes:
+def request_bytes(port: int, target: str) -> bytes:
+    if target == "proxy":
+        line, extra = "POST /v1/chat-messages?user=bench", ""
+    else:
+        line = "GET /_sidecar/auth"
+        extra = "X-Original-URI: /v1/chat-messages?user=bench\r\nX-Original-Method: POST\r\n"
     return (
-        "GET /_sidecar/auth HTTP/1.1\r\n"
+        f"{line} HTTP/1.1\r\n"
         f"Host: 127.0.0.1:{port}\r\n"
         f"Authorization: Bearer {TOKEN}\r\n"
-        "X-Original-URI: /v1/chat-messages?user=bench\r\n"
-        "X-Original-Method: POST\r\n"
+        f"{extra}"
         "Content-Length: 0\r\n"
         "\r\n"
     ).encode()
@@ -134,9 +143,9 @@ class KeepAlive:
         self.reader, self.writer, self.request = reader, writer, request
 
     @classmethod
-    async def open(cls, port: int) -> KeepAlive:
+    async def open(cls, port: int, target: str) -> KeepAlive:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return cls(reader, writer, request_bytes(port))
+        return cls(reader, writer, request_bytes(port, target))
 
     async def ask(self) -> int:
         self.writer.write(self.request)
@@ -177,8 +186,8 @@ class Numbers:
         return cls(statistics.median(ordered) * 1e6, p99 * 1e6, len(ordered) / samples.wall)
 
 
-async def latency(port: int, requests: int) -> Samples:
-    conn = await KeepAlive.open(port)
+async def latency(port: int, target: str, requests: int) -> Samples:
+    conn = await KeepAlive.open(port, target)
     try:
         for _ in range(100):  # warm-up: connection and code paths hot
             assert await conn.ask() == 200
@@ -194,8 +203,8 @@ async def latency(port: int, requests: int) -> Samples:
         conn.close()
 
 
-async def throughput(port: int, concurrency: int, seconds: float) -> Samples:
-    conns = [await KeepAlive.open(port) for _ in range(concurrency)]
+async def throughput(port: int, target: str, concurrency: int, seconds: float) -> Samples:
+    conns = [await KeepAlive.open(port, target) for _ in range(concurrency)]
     samples: list[float] = []
     deadline = 0.0
 
@@ -238,17 +247,23 @@ async def prepare_database(dsn: str) -> None:
 async def run(args: argparse.Namespace) -> dict[str, dict[str, Numbers]]:
     # Both servers run for the whole benchmark and the phases alternate between them, round
     # after round, so a machine busy with something else for a while slows both alike.
-    servers = [start_server("bare aiohttp handler", make_bare_app),
-               start_server("/_sidecar/auth (L1 hit)", make_sidecar_app)]
+    bare = start_server("bare aiohttp handler", make_bare_app)
+    if args.target == "proxy":
+        bare.name = "direct to the upstream"
+        os.environ["BENCH_UPSTREAM_URL"] = f"http://127.0.0.1:{bare.port}"
+        servers = [bare, start_server("through the sidecar (L1 hit)", make_sidecar_app)]
+    else:
+        servers = [bare, start_server("/_sidecar/auth (L1 hit)", make_sidecar_app)]
+    # (each server is asked as the target says, the reference server answers any path: 200)
     try:
         lat = {s.name: Samples([], 0.0) for s in servers}
         thr = {s.name: Samples([], 0.0) for s in servers}
         for _ in range(args.rounds):
             for s in servers:
-                lat[s.name].add(await latency(s.port, args.requests // args.rounds))
+                lat[s.name].add(await latency(s.port, args.target, args.requests // args.rounds))
             for s in servers:
-                thr[s.name].add(
-                    await throughput(s.port, args.concurrency, args.seconds / args.rounds))
+                thr[s.name].add(await throughput(
+                    s.port, args.target, args.concurrency, args.seconds / args.rounds))
     finally:
         for s in servers:
             s.stop()
@@ -258,22 +273,23 @@ async def run(args: argparse.Namespace) -> dict[str, dict[str, Numbers]]:
 
 def report(results: dict[str, dict[str, Numbers]], args: argparse.Namespace) -> None:
     bare, decision = list(results.values())
+    reference, measured = list(results)
     print(f"\nPython {sys.version.split()[0]}, {os.cpu_count()} CPUs, default asyncio loop, "
           "servers and client in separate processes, loopback, keep-alive, access log off")
     print(f"latency: 1 connection, {args.requests} sequential requests; throughput: "
           f"{args.concurrency} connections for {args.seconds:g} s; in {args.rounds} rounds "
           "alternating between the servers, each phase after a warm-up\n")
-    header = (f"{'':26}{'lat p50 us':>11}{'lat p99 us':>11}{'req/s':>9}"
+    header = (f"{'':30}{'lat p50 us':>11}{'lat p99 us':>11}{'req/s':>9}"
               f"{'load p50 us':>12}{'load p99 us':>12}")
     print(header)
     print("-" * len(header))
     for name, r in results.items():
         lat, thr = r["latency"], r["throughput"]
-        print(f"{name:26}{lat.median_us:11.0f}{lat.p99_us:11.0f}{thr.rps:9.0f}"
+        print(f"{name:30}{lat.median_us:11.0f}{lat.p99_us:11.0f}{thr.rps:9.0f}"
               f"{thr.median_us:12.0f}{thr.p99_us:12.0f}")
     lb, ld = bare["latency"], decision["latency"]
     tb, td = bare["throughput"], decision["throughput"]
-    print(f"\ndecision / bare: latency p50 x{ld.median_us / lb.median_us:.2f} "
+    print(f"\n{measured} / {reference}: latency p50 x{ld.median_us / lb.median_us:.2f} "
           f"(+{ld.median_us - lb.median_us:.0f} us), p99 x{ld.p99_us / lb.p99_us:.2f}; "
           f"throughput x{td.rps / tb.rps:.2f}; under load p50 x{td.median_us / tb.median_us:.2f}"
           f", p99 x{td.p99_us / tb.p99_us:.2f}")
@@ -281,6 +297,8 @@ def report(results: dict[str, dict[str, Numbers]], args: argparse.Namespace) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", choices=("decision", "proxy"), default="decision",
+                        help="measure the decision endpoint or the proxy")
     parser.add_argument("--requests", type=int, default=3000,
                         help="sequential requests for the latency phase")
     parser.add_argument("--seconds", type=float, default=4.0,

@@ -107,7 +107,7 @@ class Authenticator:
     def _decide(self, entry: CacheEntry, scope: str) -> Identity:
         rec = entry.record
         # expires_at/disabled are checked on every request, cached or not (SPEC 4).
-        if rec is None or rec.scope != scope or not rec.usable_at(utcnow_naive()):
+        if rec is None or rec.scope != scope or not rec.usable(utcnow_naive):
             raise InvalidToken()
         return Identity.of(rec)
 

@@ -15,9 +15,9 @@ Rules that hold here:
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -39,7 +39,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def request_id_of(request: web.Request) -> str:
     given = request.headers.get("X-Request-Id", "")
-    return given if _REQUEST_ID_RE.match(given) else uuid.uuid4().hex
+    return given if _REQUEST_ID_RE.match(given) else os.urandom(16).hex()
 
 
 @web.middleware
@@ -66,7 +66,7 @@ async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return response
     finally:
         metrics.in_flight.dec()
-        metrics.requests.labels(outcome=info.outcome or "error", scope=info.scope or "none").inc()
+        metrics.request_counter(info.outcome or "error", info.scope or "none").inc()
 
 
 async def authorize(
@@ -95,7 +95,7 @@ async def authorize(
         raise
     finally:
         info.outcome = outcome
-        svc.metrics.auth_latency.labels(outcome=outcome).observe(time.perf_counter() - started)
+        svc.metrics.auth_timer(outcome).observe(time.perf_counter() - started)
     info.token_id = identity.token_id
     info.tenant_id = identity.tenant_id
     svc.usage.record(identity.token_id)

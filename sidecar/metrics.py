@@ -7,6 +7,7 @@ tier, result, kind, status class). A token, a path or a tenant id is never a lab
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as _multiprocess
@@ -21,6 +22,9 @@ _UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        # labels() takes a lock and builds a tuple each call; the hot path asks for the same
+        # few children every request, so they are kept here (label sets are small and fixed).
+        self._children: dict[tuple[str, ...], Any] = {}
         r = self.registry
         self.requests = Counter(
             "sidecar_requests", "Requests by outcome and required scope.",
@@ -92,6 +96,20 @@ class Metrics:
             "sidecar_last_used_dropped",
             "Token ids not recorded because the pending set was full.", registry=r,
         )
+
+    def request_counter(self, outcome: str, scope: str) -> Any:
+        key = ("requests", outcome, scope)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.requests.labels(outcome=outcome, scope=scope)
+        return child
+
+    def auth_timer(self, outcome: str) -> Any:
+        key = ("auth", outcome)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.auth_latency.labels(outcome=outcome)
+        return child
 
     def exposition(self) -> bytes:
         """The text format: this process's registry, or with `serve --workers N` (Prometheus

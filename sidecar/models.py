@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -20,10 +21,11 @@ class TokenRecord:
     expires_at: datetime | None = None
     disabled: bool = False
 
-    def usable_at(self, now_utc_naive: datetime) -> bool:
+    def usable(self, now_utc_naive: Callable[[], datetime]) -> bool:
+        """Not disabled and not expired; the clock is read only for tokens that can expire."""
         if self.disabled:
             return False
-        return self.expires_at is None or self.expires_at > now_utc_naive
+        return self.expires_at is None or self.expires_at > now_utc_naive()
 
 
 @dataclass(frozen=True, slots=True)

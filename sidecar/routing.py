@@ -14,6 +14,7 @@ Rules that hold here:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -45,6 +46,7 @@ def _resolve(path: str) -> str:
     return "/" + "/".join(out) + ("/" if trailing else "")
 
 
+@functools.lru_cache(maxsize=8192)
 def normalize_path(raw_path: str) -> str:
     """The path to forward upstream: unreserved escapes decoded, `%2F` and friends kept.
 
@@ -136,6 +138,12 @@ class Router:
     ) -> None:
         self._scopes = scope_routes
         self._public = public_routes
+        # Routes never change, and most APIs see a few thousand distinct paths at most: the
+        # decision for (method, raw path) is computed once. Bounded, so unique ids in paths
+        # only cost a recomputation.
+        self.required_scope = functools.lru_cache(maxsize=16384)(
+            self._required_scope
+        )
 
     def is_public(self, method: str, path: str) -> bool:
         return any(
@@ -149,7 +157,7 @@ class Router:
                 return route.scope
         return None
 
-    def required_scope(self, method: str, raw_path: str) -> str | None:
+    def _required_scope(self, method: str, raw_path: str) -> str | None:
         """`None` when the request is public; otherwise the scope its token must have.
 
         A path that no scope route covers gets the empty scope, which no token has: it is

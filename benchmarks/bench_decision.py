@@ -309,23 +309,12 @@ def main() -> None:
                         help="alternations between the two servers")
     args = parser.parse_args()
 
-    external = os.environ.get("SIDECAR_TEST_DATABASE_URL")
-    pg = None
-    if external:
-        dsn = external
-    else:
-        from tests.servers import PostgresServer
+    from tests.servers import benchmark_postgres
 
-        print("starting a throwaway Postgres ...", flush=True)
-        pg = PostgresServer().setup()
-        dsn = pg.dsn
-    try:
+    with benchmark_postgres() as dsn:
         asyncio.run(prepare_database(dsn))
         os.environ["BENCH_DATABASE_URL"] = dsn  # inherited by the spawned sidecar process
         report(asyncio.run(run(args)), args)
-    finally:
-        if pg is not None:
-            pg.destroy()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import statistics
 import sys
@@ -33,7 +32,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `sidecar` and `tests` imp
     sys.path.insert(0, str(ROOT))
 
 from sidecar.usage import LastUsedQueue, PostgresLastUsedWriter  # noqa: E402
-from tests.servers import PostgresServer  # noqa: E402
+from tests.servers import benchmark_postgres  # noqa: E402
 
 SCHEMA = (ROOT / "config" / "schema.sql").read_text()
 BASELINE_SQL = "UPDATE api_tokens SET last_used_at=$1 WHERE id=$2"
@@ -232,16 +231,8 @@ def main() -> None:
     if args.requests < 1 or args.tokens < 1 or args.rate <= 0 or args.concurrency < 1:
         parser.error("--requests, --tokens, --rate and --concurrency must be positive")
 
-    external = os.environ.get("SIDECAR_TEST_DATABASE_URL")
-    if external:
-        asyncio.run(bench(external, args))
-        return
-    print("starting a throwaway Postgres ...", file=sys.stderr)
-    server = PostgresServer().setup()
-    try:
-        asyncio.run(bench(server.dsn, args))
-    finally:
-        server.destroy()
+    with benchmark_postgres() as dsn:
+        asyncio.run(bench(dsn, args))
 
 
 if __name__ == "__main__":

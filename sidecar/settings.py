@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -19,6 +20,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -70,6 +72,15 @@ def redact_url(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+_TEXT_PARSERS: dict[str, Callable[[str], Any]] = {
+    "listen": parse_listen,
+    "ops_listen": parse_listen,
+    "trusted_proxies": parse_networks,
+    "scope_routes": parse_scope_routes,
+    "public_routes": parse_public_routes,
+}
 
 
 class Settings(BaseSettings):
@@ -128,25 +139,11 @@ class Settings(BaseSettings):
     # Ops (SPEC 10, 13)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
-    @field_validator("listen", "ops_listen", mode="before")
+    @field_validator(*_TEXT_PARSERS, mode="before")
     @classmethod
-    def _listen(cls, v: Any) -> Any:
-        return parse_listen(v) if isinstance(v, str) else v
-
-    @field_validator("trusted_proxies", mode="before")
-    @classmethod
-    def _networks(cls, v: Any) -> Any:
-        return parse_networks(v) if isinstance(v, str) else v
-
-    @field_validator("scope_routes", mode="before")
-    @classmethod
-    def _scopes(cls, v: Any) -> Any:
-        return parse_scope_routes(v) if isinstance(v, str) else v
-
-    @field_validator("public_routes", mode="before")
-    @classmethod
-    def _public(cls, v: Any) -> Any:
-        return parse_public_routes(v) if isinstance(v, str) else v
+    def _parse_text(cls, v: Any, info: ValidationInfo) -> Any:
+        # These settings arrive from the environment as one comma-separated string.
+        return _TEXT_PARSERS[str(info.field_name)](v) if isinstance(v, str) else v
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -6,13 +6,16 @@ Postgres refuses to run as root: when we are root, its commands run as the `post
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 PG_PASSWORD = "pg-secret-pw"  # appears in DSNs so tests can check it is never printed
@@ -113,6 +116,21 @@ class PostgresServer:
             self.stop()
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def benchmark_postgres() -> Iterator[str]:
+    """For benchmarks: SIDECAR_TEST_DATABASE_URL, or a throwaway server for the duration."""
+    external = os.environ.get("SIDECAR_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    print("starting a throwaway Postgres ...", file=sys.stderr, flush=True)
+    server = PostgresServer().setup()
+    try:
+        yield server.dsn
+    finally:
+        server.destroy()
 
 
 class RedisServer:

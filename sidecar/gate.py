@@ -32,7 +32,9 @@ from sidecar.services import SERVICES, Services
 
 log = logging.getLogger("sidecar.gate")
 
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+# A client's X-Request-Id is passed on only if it is short and plain (it reaches logs).
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:/+=-]{1,128}$"
+_REQUEST_ID_RE = re.compile(REQUEST_ID_PATTERN)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

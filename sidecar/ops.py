@@ -1,4 +1,4 @@
-"""The ops listener (SPEC 10): health, readiness and metrics.
+"""The ops listener (SPEC 10): health, readiness, metrics, the admin API and /openapi.json.
 
 Rule: `/healthz` touches no dependency (it says only that the event loop runs); `/readyz`
 asks each dependency once, with short timeouts, and reports 503 only when the sidecar cannot
@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from sidecar.admin import invalidate
+from sidecar.openapi import openapi_json
 from sidecar.services import MAIN_APP, Services, ops_services
 
 
@@ -69,6 +70,10 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=openapi_json(), content_type="application/json")
+
+
 def create_ops_app(main: web.Application) -> web.Application:
     """The ops Application; it reads the main app's services, so start it after the main app."""
     app = web.Application()
@@ -77,4 +82,5 @@ def create_ops_app(main: web.Application) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/admin/invalidate", invalidate)
+    app.router.add_get("/openapi.json", openapi)
     return app

@@ -154,7 +154,7 @@ async def db(pg_dsn: str) -> AsyncIterator[Db]:
 
 
 @pytest.fixture
-async def redis_url(redis_server_url: str) -> AsyncIterator[str]:
+async def redis_url(redis_server_url: str) -> str:
     client = aioredis.from_url(redis_server_url)
     await client.flushall()
     await client.aclose()

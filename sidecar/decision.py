@@ -37,7 +37,7 @@ from sidecar.context import info_of
 from sidecar.gate import authorize, not_found
 from sidecar.headers import IDENTITY_HEADERS, identity_headers
 from sidecar.responses import json_error
-from sidecar.routing import normalize_path
+from sidecar.routing import INVALID_TARGET_RE, normalize_path
 from sidecar.services import SERVICES
 
 log = logging.getLogger("sidecar.decision")
@@ -73,10 +73,6 @@ _REMOVE_ON_ALLOW = ", ".join(_VARIANTS)
 _REMOVE_ON_PUBLIC = ", ".join(_CANONICAL + _VARIANTS)
 
 _METHOD_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$")  # an RFC 9110 token
-# Never in a request target (RFC 9112 3.2): whitespace, controls, and `#`, which some servers
-# take as the start of a fragment and others as part of the path, so no single reading of it
-# can be trusted to be the upstream's.
-_NOT_IN_TARGET_RE = re.compile(r"[\x00-\x20\x7f#]")
 
 _UNTRUSTED_WARNING_INTERVAL = 60.0
 
@@ -106,7 +102,7 @@ class OriginalRequest:
 
 def _path_of(target: str, source: str) -> str:
     """The raw path of a request target in origin form (`/p?q`) or absolute form."""
-    if _NOT_IN_TARGET_RE.search(target):
+    if INVALID_TARGET_RE.search(target):
         raise BadDecisionRequest(f"{source} is not a valid request target")
     if target.startswith("/"):
         return target.partition("?")[0]

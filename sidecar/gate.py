@@ -27,7 +27,7 @@ from sidecar.credentials import parse_authorization
 from sidecar.errors import AuthUnavailable, SidecarError, Unauthorized
 from sidecar.models import Identity
 from sidecar.responses import error_response, json_error, outcome_of
-from sidecar.routing import normalize_path
+from sidecar.routing import INVALID_TARGET_RE, normalize_path
 from sidecar.services import SERVICES, Services
 
 log = logging.getLogger("sidecar.gate")
@@ -110,6 +110,11 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     if forwarder is None:  # decision-only mode
         return await not_found(request)
     raw_path, _, query = request.raw_path.partition("?")
+    if INVALID_TARGET_RE.search(request.raw_path):
+        # e.g. `/v1/datasets#x`: matched as `/v1/datasets#x` but sent upstream as `/v1/datasets`
+        # by any client library that reads `#` as a fragment. Refuse rather than guess.
+        info_of(request).outcome = "bad_request"
+        return json_error(400, "bad_request", "Invalid characters in the request target")
     identity = await authorize(request, svc, request.method, raw_path)
     return await forwarder.forward(
         request,

@@ -92,7 +92,12 @@ class Forwarder:
         return url.host or "", url.port or 80
 
     def _url(self, path: str, query: str) -> URL:
-        return URL(self.base + path + (("?" + query) if query else ""), encoded=True)
+        # Built from parts, so nothing in the path can be re-read as a query or a fragment.
+        base = URL(self.base)
+        return URL.build(
+            scheme=base.scheme, host=base.raw_host or "", port=base.explicit_port,
+            path=base.raw_path.rstrip("/") + path, query_string=query, encoded=True,
+        )
 
     async def forward(
         self,

@@ -19,6 +19,11 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+# Never in a request target (RFC 9112 3.2): whitespace, controls, and `#`, which some servers
+# and clients take as the start of a fragment and others as part of the path, so no single
+# reading of such a target can be trusted to be the upstream's.
+INVALID_TARGET_RE = re.compile(r"[\x00-\x20\x7f#]")
+
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _PCT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
 _METHOD_RE = re.compile(r"^[A-Z]+$")

@@ -130,6 +130,35 @@ async def raw_request(port: int, request: bytes) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), body
 
 
+@pytest.mark.parametrize("target", [b"/v1/datasets#x", b"/v1/datasets#/../x", b"/v1/a#b?c=d"])
+async def test_fragment_in_target_is_refused_before_it_can_change_the_scope(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, target: bytes
+) -> None:
+    # An app token on `/v1/datasets#x`: matched as an app path, but any client library
+    # forwarding it would send `/v1/datasets` (a dataset route). It must never be forwarded.
+    token, _ = await db.add_token("app")
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")), scope_routes=DIFY_ROUTES)
+    status, body = await raw_request(
+        sc.main.port,
+        b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Authorization: Bearer " + token.encode() + b"\r\n\r\n",
+    )
+    assert status == 400
+    assert orjson.loads(body)["code"] == "bad_request"
+    assert upstream.app[CALLS] == []
+
+
+async def test_upstream_base_path_is_kept(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    token, _ = await db.add_token("app")
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("/base")))
+    async with http.get(sc.url("/v1/x%20y?q=%23"),
+                        headers={"Authorization": f"Bearer {token}"}) as r:
+        doc = orjson.loads(await r.read())
+    assert doc["raw_path"] == "/base/v1/x%20y?q=%23"
+
+
 @pytest.mark.parametrize("char", [b"\x01", b"\x7f", b"\x1b"])
 async def test_control_characters_in_token_are_refused(
     make_sidecar: SidecarFactory, db: Db, upstream: Any, char: bytes

@@ -9,9 +9,12 @@ Rules that hold here:
    replicas, a Redis lock lets one replica ask Postgres while the others wait for its answer
    in Redis. A lock that cannot be had in time, or a Redis error, never blocks a request: the
    replica then asks Postgres itself.
-4. A lookup that overlapped an invalidation answers its own request but is not cached: it may
-   have read the row from before the change.
+4. A lookup (of L2 or Postgres) that overlapped an invalidation answers its own request but
+   is not cached: it may have read the row from before the change.
 5. This module knows only Protocols for its tiers: no aiohttp, asyncpg or redis here.
+6. When invalidations may have been missed (a lost LISTEN connection, a Redis delete that
+   failed), L2 entries written before that moment are treated as misses: Postgres is asked
+   again and L2 rewritten, instead of a revoked token living on for the L2 TTL.
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ class SharedCache(Protocol):
     async def set(self, key: str, entry: CacheEntry, now: float | None = None) -> None: ...
     async def try_lock(self, key: str, ttl: float) -> str | None: ...
     async def unlock(self, key: str, owner: str) -> None: ...
+
+
+# Replicas' clocks differ a little: an entry stamped up to this long after a missed-invalidation
+# moment by a replica whose clock runs behind is refused too.
+CLOCK_SKEW = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +92,7 @@ class Authenticator:
         self.lock = lock or LockPolicy()
         self.clock = clock
         self._epoch = 0
+        self.not_before = 0.0
         self._inflight: dict[str, asyncio.Future[CacheEntry]] = {}
         m = metrics.cache_lookups
         self._l1_hit = m.labels(tier="l1", result="hit")
@@ -114,68 +123,80 @@ class Authenticator:
     async def _resolve_shared(
         self, key: str, token: str, scope: str, local: CacheEntry | None
     ) -> CacheEntry:
-        fut = self._inflight.get(key)
-        if fut is not None:
+        while (fut := self._inflight.get(key)) is not None:
             self.metrics.singleflight_waits.labels(scope=scope).inc()
-            # shield: one waiter being cancelled must not cancel the lookup the others await.
-            return await asyncio.shield(fut)
+            try:
+                # shield: one waiter being cancelled must not cancel the lookup others await.
+                return await asyncio.shield(fut)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if fut.cancelled() and (task is None or not task.cancelling()):
+                    continue  # the leader was cancelled, not us: take over its lookup
+                raise
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
             entry = await self._resolve(key, token, scope, local)
+        except asyncio.CancelledError:
+            fut.cancel()
+            raise
         except BaseException as exc:
-            if not fut.done():
-                fut.set_exception(exc)
-                # Waiters, if any, retrieve it; this stops "exception never retrieved" noise.
-                fut.exception()
+            fut.set_exception(exc)
+            fut.exception()  # retrieved here, so no "exception never retrieved" without waiters
             raise
         else:
             fut.set_result(entry)
             return entry
         finally:
-            del self._inflight[key]
+            # An invalidation may already have dropped this flight (and a newer one started).
+            if self._inflight.get(key) is fut:
+                del self._inflight[key]
 
     async def _resolve(
         self, key: str, token: str, scope: str, local: CacheEntry | None
     ) -> CacheEntry:
+        epoch = self._epoch
         shared = self.shared
-        shared_entry: CacheEntry | None = None
-        owner: str | None = None
-        if shared is not None:
-            shared_entry = await self._shared_fresh(shared, key, count=True)
-            if shared_entry is not None and shared_entry.fresh(self.clock()):
-                return shared_entry
-            owner, shared_entry = await self._lock_or_answer(shared, key, shared_entry)
-            if shared_entry is not None and shared_entry.fresh(self.clock()):
-                return shared_entry
+        if shared is None:
+            return await self._lookup(key, token, scope, epoch, local)
+        seen = await self._shared_get(shared, key, epoch, count=True)
+        if seen is not None and seen.fresh(self.clock()):
+            return seen
+        owner, seen = await self._lock_or_answer(shared, key, epoch, seen)
         try:
-            return await self._lookup(key, token, scope, local, shared_entry)
+            if seen is not None and seen.fresh(self.clock()):
+                return seen
+            return await self._lookup(key, token, scope, epoch, local, seen)
         finally:
-            if owner is not None and shared is not None:
+            if owner is not None:
                 await shared.unlock(key, owner)
 
-    async def _shared_fresh(
-        self, shared: SharedCache, key: str, *, count: bool
+    async def _shared_get(
+        self, shared: SharedCache, key: str, epoch: int, *, count: bool
     ) -> CacheEntry | None:
-        """Read L2; a fresh entry is also put into L1. Returns whatever L2 had."""
+        """Read L2 (None for entries written before `not_before`, rule 6); a fresh entry is
+        also put into L1 unless an invalidation happened meanwhile (rule 4)."""
         entry = await shared.get(key)
+        if entry is not None and entry.written_at < self.not_before:
+            entry = None
         now = self.clock()
         fresh = entry is not None and entry.fresh(now)
         if count:
             result = "miss" if entry is None or not fresh else (
                 "negative" if entry.negative else "hit")
             self.metrics.cache_lookups.labels(tier="l2", result=result).inc()
-        if entry is not None and fresh:
+        if entry is not None and fresh and epoch == self._epoch:
             self.local.put(key, entry, now)
         return entry
 
     async def _lock_or_answer(
-        self, shared: SharedCache, key: str, seen: CacheEntry | None
+        self, shared: SharedCache, key: str, epoch: int, seen: CacheEntry | None
     ) -> tuple[str | None, CacheEntry | None]:
         """Take the key's lock, or wait for the replica holding it to publish an answer.
 
         Returns (lock owner or None, the latest L2 entry seen). Gives up (owner None) when
         Redis is unavailable or the wait runs out: the caller then asks Postgres itself.
+        The caller must release a lock it got, whatever it does next.
         """
         deadline = time.monotonic() + self.lock.wait
         poll = self.lock.first_poll
@@ -183,7 +204,7 @@ class Authenticator:
             owner = await shared.try_lock(key, self.lock.ttl)
             if owner is not None:
                 # Second check: the previous holder may have filled L2 just before we got in.
-                entry = await self._shared_fresh(shared, key, count=False)
+                entry = await self._shared_get(shared, key, epoch, count=False)
                 return owner, entry if entry is not None else seen
             if not shared.available:
                 return None, seen
@@ -192,16 +213,15 @@ class Authenticator:
                 return None, seen
             await asyncio.sleep(poll)
             poll = min(poll * 2, self.lock.max_poll)
-            entry = await self._shared_fresh(shared, key, count=False)
+            entry = await self._shared_get(shared, key, epoch, count=False)
             if entry is not None:
                 seen = entry
                 if entry.fresh(self.clock()):
                     return None, entry
 
     async def _lookup(
-        self, key: str, token: str, scope: str, *stale: CacheEntry | None
+        self, key: str, token: str, scope: str, epoch: int, *stale: CacheEntry | None
     ) -> CacheEntry:
-        epoch = self._epoch
         try:
             record = await self.store.lookup(token, scope)
         except StoreUnavailable:
@@ -209,10 +229,10 @@ class Authenticator:
 
         now = self.clock()
         if record is None:
-            entry = CacheEntry(None, now + self.negative_ttl, now + self.negative_ttl)
+            entry = CacheEntry(None, now + self.negative_ttl, now + self.negative_ttl, now)
         else:
             fresh = now + self.ttl
-            entry = CacheEntry(record, fresh, fresh + self.stale_if_error)
+            entry = CacheEntry(record, fresh, fresh + self.stale_if_error, now)
         if epoch != self._epoch:
             return entry  # rule 4
         self.local.put(key, entry, now)
@@ -231,16 +251,27 @@ class Authenticator:
         raise AuthUnavailable()
 
     # Invalidation (admin API, LISTEN/NOTIFY, pub/sub): local tier only; the caller handles L2.
-    def forget(self, digest: str, scope: str | None = None) -> int:
+    # Each one also drops lookups in flight from the single-flight table, so a request that
+    # arrives after the invalidation never joins a lookup that started before it.
+    def _invalidated(self) -> None:
         self._epoch += 1
+        self._inflight.clear()
+
+    def forget(self, digest: str, scope: str | None = None) -> int:
+        self._invalidated()
         if scope is None:
             return self.local.pop_digest(digest)
         return 1 if self.local.pop(cache_key(digest, scope)) else 0
 
     def forget_tenant(self, tenant_id: str) -> int:
-        self._epoch += 1
+        self._invalidated()
         return self.local.pop_tenant(tenant_id)
 
     def forget_all(self) -> None:
-        self._epoch += 1
+        self._invalidated()
         self.local.clear()
+
+    def distrust_shared_before(self, moment: float) -> None:
+        """Invalidations may have been missed up to `moment` (a lost LISTEN connection, a Redis
+        delete that could not be made): refuse L2 entries written before it (rule 6)."""
+        self.not_before = max(self.not_before, moment + CLOCK_SKEW)

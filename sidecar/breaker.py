@@ -59,7 +59,11 @@ class CircuitBreaker:
                 self._on_change(False)
 
     def failure(self) -> None:
-        self._probing = False
+        was_probe, self._probing = self._probing, False
+        if self._failures and not was_probe:
+            # A call that started before the circuit opened, failing late: no new information.
+            # Escalating here would turn a one-second blip under load into a long outage.
+            return
         self._failures += 1
         delay = min(self.max_delay, self.base_delay * 2 ** min(self._failures - 1, 16))
         # Jitter spreads the probes of many replicas that lost Redis at the same moment.

@@ -8,6 +8,8 @@ Rules that hold here:
 2. An entry carries wall-clock deadlines (`fresh_until`, `stale_until`) so that an entry read
    back from Redis means the same thing in every replica.
 3. A negative entry (record is None) is never stale-usable: it answers only while fresh.
+4. Every entry carries the wall-clock time it was written (`written_at`), so that a replica
+   which may have missed invalidations can refuse entries written before the gap.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class CacheEntry:
     record: TokenRecord | None
     fresh_until: float
     stale_until: float
+    written_at: float = 0.0
 
     @property
     def negative(self) -> bool:
@@ -57,7 +60,8 @@ class CacheEntry:
 
     def encode(self) -> bytes:
         rec = self.record
-        doc: dict[str, Any] = {"v": FORMAT_VERSION, "f": self.fresh_until, "s": self.stale_until}
+        doc: dict[str, Any] = {"v": FORMAT_VERSION, "f": self.fresh_until, "s": self.stale_until,
+                               "w": self.written_at}
         if rec is None:
             doc["neg"] = True
         else:
@@ -79,8 +83,9 @@ class CacheEntry:
             if doc.get("v") != FORMAT_VERSION:
                 return None
             fresh, stale = float(doc["f"]), float(doc["s"])
+            written = float(doc.get("w", 0.0))
             if doc.get("neg") is True:
-                return cls(None, fresh, stale)
+                return cls(None, fresh, stale, written)
             r = doc["r"]
             expires = datetime.fromisoformat(r["expires_at"]) if r.get("expires_at") else None
             record = TokenRecord(
@@ -91,7 +96,7 @@ class CacheEntry:
                 expires_at=expires,
                 disabled=bool(r.get("disabled", False)),
             )
-            return cls(record, fresh, stale)
+            return cls(record, fresh, stale, written)
         except (ValueError, KeyError, TypeError, AttributeError):
             return None
 
@@ -123,7 +128,8 @@ class LocalCache:
             return
         now = time.time() if now is None else now
         # L1 is fresh for at most its own TTL, and never longer than the shared entry.
-        local = CacheEntry(entry.record, min(entry.fresh_until, now + self.ttl), entry.stale_until)
+        local = CacheEntry(entry.record, min(entry.fresh_until, now + self.ttl), entry.stale_until,
+                           entry.written_at)
         self._data[key] = local
         self._data.move_to_end(key)
         while len(self._data) > self.max_size:

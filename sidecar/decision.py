@@ -7,7 +7,9 @@ Rules that hold here:
      built by the proxy from the request it holds, so it is used whoever the peer is;
    * `X-Original-URI`/`X-Original-Method` (nginx) and `X-Forwarded-Uri`/`X-Forwarded-Method`
      (Traefik) are read only from peers in SIDECAR_TRUSTED_PROXIES. From any other peer the
-     request is judged on its own path and method: `/` for a bare `/_sidecar/auth`.
+     request is judged on its own path and method; a bare `/_sidecar/auth` then describes no
+     request at all and is answered 400, never judged as `/` (which would let a token of the
+     `/` scope pass for any path a misconfigured proxy forwards).
 2. A trusted proxy passes the client's other headers through (Traefik copies all of them into
    the auth request, an nginx subrequest carries them too), so a client can add the family of
    headers that proxy does not set. Every description present must therefore agree (as paths
@@ -85,6 +87,19 @@ class BadDecisionRequest(Exception):
         self.message = message
 
 
+class UndescribedRequest(BadDecisionRequest):
+    """The bare endpoint with no description of the original request a trusted proxy could
+    have sent; `ignored` names such headers that came from a peer we do not trust."""
+
+    def __init__(self, ignored: tuple[str, ...]) -> None:
+        super().__init__(
+            "The original request is not described: send X-Original-URI (nginx) or "
+            "X-Forwarded-Uri (Traefik) from a peer in SIDECAR_TRUSTED_PROXIES, or append the "
+            "path to /_sidecar/auth (Envoy path_prefix)"
+        )
+        self.ignored = ignored
+
+
 class NotDecisionPath(Exception):
     """The router sent a normalised spelling of the endpoint here (`/_sidecar/./auth`)."""
 
@@ -95,9 +110,6 @@ class OriginalRequest:
 
     method: str
     path: str
-    # Original-request headers sent to the bare endpoint by a peer we do not trust: the one
-    # case where a misconfigured proxy silently gets its requests judged as `/`.
-    ignored: tuple[str, ...] = ()
 
 
 def _path_of(target: str, source: str) -> str:
@@ -130,9 +142,14 @@ def original_request(request: web.BaseRequest, *, trusted: bool) -> OriginalRequ
     """Which request the caller asks about (rules 1 and 2)."""
     tail = _tail_of(request.raw_path)
     if not trusted:
-        ignored = () if tail else tuple(
-            h for pair in ORIGINAL_HEADERS for h in pair if h in request.headers)
-        return OriginalRequest(request.method.upper(), tail or "/", ignored)
+        if not tail:
+            # Fail closed: judging the bare endpoint as `/` would let a token of the `/` scope
+            # pass for whatever path a proxy we do not trust (a missing
+            # SIDECAR_TRUSTED_PROXIES entry, most likely) is about to forward.
+            ignored = tuple(h for pair in ORIGINAL_HEADERS for h in pair
+                            if h in request.headers)
+            raise UndescribedRequest(ignored)
+        return OriginalRequest(request.method.upper(), tail)
 
     paths: list[tuple[str, str]] = []  # (raw path, where it came from)
     methods: list[tuple[str, str]] = []
@@ -146,7 +163,9 @@ def original_request(request: web.BaseRequest, *, trusted: bool) -> OriginalRequ
         for value in request.headers.getall(method_header, ()):
             if value.strip():
                 methods.append((value.strip(), method_header))
-    path, path_source = paths[0] if paths else ("/", "the request path")
+    if not paths:
+        raise UndescribedRequest(())
+    path, path_source = paths[0]
     method, method_source = methods[0] if methods else (request.method, "the request method")
 
     if len(paths) > 1:
@@ -170,8 +189,8 @@ def make_decision_handler() -> Callable[[web.Request], Awaitable[web.StreamRespo
     last_warning = -_UNTRUSTED_WARNING_INTERVAL
 
     def warn_untrusted(request: web.Request, ignored: tuple[str, ...]) -> None:
-        # An operator who forgot SIDECAR_TRUSTED_PROXIES gets every request judged as `/`:
-        # say so, at most once a minute, since any client can send these headers too.
+        # An operator who forgot SIDECAR_TRUSTED_PROXIES gets 400 for every request: say why,
+        # at most once a minute, since any client can send these headers too.
         nonlocal last_warning
         now = time.monotonic()
         if now - last_warning < _UNTRUSTED_WARNING_INTERVAL:
@@ -190,11 +209,14 @@ def make_decision_handler() -> Callable[[web.Request], Awaitable[web.StreamRespo
             original = original_request(request, trusted=trusted)
         except NotDecisionPath:
             return await not_found(request)
+        except UndescribedRequest as exc:
+            if exc.ignored:
+                warn_untrusted(request, exc.ignored)
+            info_of(request).outcome = "bad_request"
+            return json_error(400, "bad_request", exc.message)
         except BadDecisionRequest as exc:
             info_of(request).outcome = "bad_request"
             return json_error(400, "bad_request", exc.message)
-        if original.ignored:
-            warn_untrusted(request, original.ignored)
         identity = await authorize(request, svc, original.method, original.path)
         if identity is None:
             return web.Response(status=200, headers={ENVOY_REMOVE_HEADER: _REMOVE_ON_PUBLIC})

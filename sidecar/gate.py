@@ -83,12 +83,13 @@ async def authorize(
         return None
     info.scope = scope
     started = time.perf_counter()
-    outcome = "allowed"
+    outcome = "error"  # until proven otherwise: a 500 is never counted as an allowed request
     try:
         token = parse_authorization(
             request.headers.getall("Authorization", ()), svc.settings.max_token_length
         )
         identity = await svc.authenticator.authenticate(token, scope)
+        outcome = "allowed"
     except Unauthorized:
         outcome = "unauthorized"
         raise

@@ -7,12 +7,18 @@ Rules that hold here:
 2. Messages name tokens by digest (sidecar.cache rule 1) and tenants by id: never a token.
 3. A malformed message invalidates nothing and is counted; it can never widen what a token
    may do, only fail to narrow it, and NOTIFY payloads come from our own trigger.
+4. L1 is cleared before and again after the L2 delete, so a request reading L2 while the
+   delete is in flight cannot leave the old answer in L1. An L2 delete that could not be
+   made (Redis down), or notifications that may have been lost (LISTEN reconnected), make
+   this replica distrust every L2 entry written before that moment: they would otherwise
+   bring a revoked token back for the rest of their TTL once Redis answers again.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import Any
 
 import orjson
@@ -43,13 +49,18 @@ class Invalidator:
     def _count(self, source: str) -> None:
         self.metrics.invalidations.labels(source=source).inc()
 
+    def _shared_missed(self) -> None:
+        self.auth.distrust_shared_before(time.time())
+
     async def token_digest(
         self, digest: str, scope: str | None, *, source: str, publish: bool
     ) -> None:
         scopes = [scope] if scope is not None else sorted(self.scopes)
         self.auth.forget(digest, scope)
         if self.redis is not None:
-            await self.redis.delete(*(cache_key(digest, s) for s in scopes))
+            if not await self.redis.delete(*(cache_key(digest, s) for s in scopes)):
+                self._shared_missed()
+            self.auth.forget(digest, scope)
             if publish:
                 await self.redis.publish(orjson.dumps({"d": digest, "s": scope}))
         self._count(source)
@@ -60,7 +71,9 @@ class Invalidator:
     async def tenant(self, tenant_id: str, *, source: str, publish: bool) -> None:
         self.auth.forget_tenant(tenant_id)
         if self.redis is not None:
-            await self.redis.delete_tenant(tenant_id)
+            if not await self.redis.delete_tenant(tenant_id):
+                self._shared_missed()
+            self.auth.forget_tenant(tenant_id)
             if publish:
                 await self.redis.publish(orjson.dumps({"t": tenant_id}))
         self._count(source)
@@ -68,7 +81,9 @@ class Invalidator:
     async def everything(self, *, source: str, shared: bool) -> None:
         self.auth.forget_all()
         if shared and self.redis is not None:
-            await self.redis.delete_all()
+            if not await self.redis.delete_all():
+                self._shared_missed()
+            self.auth.forget_all()
         self._count(source)
 
     async def on_notify(self, payload: str) -> None:
@@ -104,8 +119,12 @@ class Invalidator:
         self._count("pubsub")
 
     async def on_reconnect(self, source: str) -> None:
-        """Messages may have been missed while disconnected: drop what this process cached."""
+        """Messages may have been missed while disconnected: drop what this process cached,
+        and after a NOTIFY gap also distrust L2 (rule 4). Pub/sub messages only ever concern
+        L1: whoever published them had already cleared L2."""
         self.auth.forget_all()
+        if source == "notify":
+            self._shared_missed()
         self._count(source + "_reconnect")
 
 

@@ -4,7 +4,8 @@ Rules that hold here:
 1. A subscription that drops reconnects with jittered exponential back-off, forever, until
    closed; it never takes the process down and never logs a payload.
 2. After a reconnect, `on_reconnect` runs first: messages sent while we were away are lost,
-   so the owner must assume everything changed (it clears its local cache).
+   so the owner must assume everything changed (the Invalidator clears L1 and, after a
+   NOTIFY gap, stops trusting L2 entries written before the reconnect).
 3. Messages are handled in arrival order, one at a time, by a single consumer task.
 """
 

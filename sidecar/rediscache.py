@@ -108,39 +108,48 @@ class RedisCache:
                 if rec is not None and rec.tenant_id:
                     index = TENANT_PREFIX + rec.tenant_id
                     pipe.sadd(index, key)
-                    pipe.expire(index, ttl, gt=True)
-                    pipe.expire(index, ttl, nx=True)
+                    # Entries of a tenant share one TTL setting, so the newest entry lives
+                    # longest: the index lives as long as it. (Plain EXPIRE: Redis 6 too.)
+                    pipe.expire(index, ttl)
                 await pipe.execute()
 
         await self._call("set", write)
 
-    async def delete(self, *keys: str) -> None:
-        if keys:
-            names = [TOKEN_PREFIX + k for k in keys]
-            await self._call("delete", lambda: self.client.delete(*names))
+    async def delete(self, *keys: str) -> bool:
+        """Delete entries; False when Redis could not be asked (the caller must then assume
+        the entries survive)."""
+        if not keys:
+            return True
+        names = [TOKEN_PREFIX + k for k in keys]
 
-    async def delete_tenant(self, tenant_id: str) -> int:
-        """Delete every cached entry indexed under the tenant; returns how many keys."""
+        async def run() -> bool:
+            await self.client.delete(*names)
+            return True
+
+        return bool(await self._call("delete", run))
+
+    async def delete_tenant(self, tenant_id: str) -> bool:
+        """Delete every cached entry indexed under the tenant; False when Redis could not."""
         index = TENANT_PREFIX + tenant_id
 
-        async def run() -> int:
+        async def run() -> bool:
             members = await self.client.smembers(index)
             names = [TOKEN_PREFIX + (m.decode() if isinstance(m, bytes) else m) for m in members]
-            if names:
-                await self.client.delete(*names)
-            await self.client.delete(index)
-            return len(names)
+            await self.client.delete(*names, index)
+            return True
 
-        return await self._call("delete_tenant", run) or 0
+        return bool(await self._call("delete_tenant", run))
 
-    async def delete_all(self) -> None:
-        """Drop every token entry (after TRUNCATE of the token table)."""
+    async def delete_all(self) -> bool:
+        """Drop every token entry (after TRUNCATE of the token table); False when Redis
+        could not be asked."""
 
-        async def run() -> None:
+        async def run() -> bool:
             async for batch in _scan_batches(self.client, TOKEN_PREFIX + "*"):
                 await self.client.delete(*batch)
+            return True
 
-        await self._call("delete_all", run)
+        return bool(await self._call("delete_all", run))
 
     async def try_lock(self, key: str, ttl: float) -> str | None:
         """Take the cross-replica lookup lock of a key: its owner token, or None when another

@@ -2,14 +2,19 @@
 
 Rules that hold here:
 1. asyncpg and OS errors are converted once, here, into `StoreUnavailable` (httpx's
-   "map exceptions at the boundary"): callers never see a driver exception.
-2. A lookup is one statement. Its parameters are the token (or its SHA-256 when
+   "map exceptions at the boundary"): callers never see a driver exception. Any error but a
+   data error (a token that cannot match a column's type) means "cannot answer": a wrong
+   password, a missing table or a full disk must give 503 (or a stale answer), never a 500
+   and never "invalid token".
+2. Every call is bounded by `timeout` as a whole, waiting for a pool connection included: a
+   Postgres that hangs costs a request at most that long.
+3. A lookup is one statement. Its parameters are the token (or its SHA-256 when
    `SIDECAR_TOKEN_HASH=sha256`) and the scope; the token itself is never logged.
-3. The pool starts empty (`min_size=0`), so a sidecar starts, and serves from caches, while
+4. The pool starts empty (`min_size=0`), so a sidecar starts, and serves from caches, while
    Postgres is still down.
-4. While Postgres is down, a circuit breaker answers lookups with `StoreUnavailable` at once
+5. While Postgres is down, a circuit breaker answers lookups with `StoreUnavailable` at once
    (one probe per back-off, at most `MAX_BACKOFF` s), instead of letting every request wait
-   for a connect timeout.
+   for a timeout.
 """
 
 from __future__ import annotations
@@ -31,18 +36,18 @@ from sidecar.models import TokenRecord
 log = logging.getLogger("sidecar.store")
 
 MAX_BACKOFF = 5.0
+PING_TIMEOUT = 1.0
 
 DEFAULT_LOOKUP_SQL = (
     "SELECT id, tenant_id, app_id, type FROM api_tokens"
     " WHERE token = $1 AND type = $2 ORDER BY created_at DESC LIMIT 1"
 )
 
-# What "the database cannot answer" looks like from asyncpg: connection-level failures, server
-# shutdown or recovery, too many connections, timeouts. A syntax error in a custom lookup is not
-# among them: it is a configuration bug and must surface as an error, never as "invalid token".
-UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+# What "the database cannot answer" looks like from asyncpg (rule 1). Connection-level ones
+# are expected during outages; the rest are logged as errors, since they need an operator.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
-    asyncio.TimeoutError,
+    TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
@@ -50,7 +55,9 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.QueryCanceledError,
+    StoreUnavailable,
 )
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
 
 
 def _text(value: Any) -> str | None:
@@ -96,7 +103,6 @@ class PostgresTokenStore:
         self.timeout = timeout
         self.hash_tokens = token_hash == "sha256"
         self.lookup_sql = lookup_sql or DEFAULT_LOOKUP_SQL
-        self.lookups = 0
         self.ever_connected = False
         self.breaker = CircuitBreaker(base_delay=0.25, max_delay=MAX_BACKOFF,
                                       on_change=self._circuit_changed)
@@ -111,8 +117,8 @@ class PostgresTokenStore:
 
     @property
     def pool(self) -> asyncpg.Pool:
-        if self._pool is None:
-            raise RuntimeError("store not opened")
+        if self._pool is None:  # not opened yet, or closed during shutdown
+            raise StoreUnavailable("pool closed")
         return self._pool
 
     async def open(self) -> None:
@@ -139,23 +145,22 @@ class PostgresTokenStore:
         key = token_digest(token) if self.hash_tokens else token
         if not self.breaker.allow():
             raise StoreUnavailable("circuit open")
-        self.lookups += 1
         self.metrics.postgres_queries.labels(kind="lookup").inc()
         try:
-            row = await self.pool.fetchrow(self.lookup_sql, key, scope, timeout=self.timeout)
-        except UNAVAILABLE_ERRORS as exc:
-            self.metrics.postgres_errors.labels(kind="lookup").inc()
-            self.breaker.failure()
-            raise StoreUnavailable(type(exc).__name__) from None
+            async with asyncio.timeout(self.timeout):  # rule 2: pool wait included
+                row = await self.pool.fetchrow(self.lookup_sql, key, scope)
         except asyncpg.DataError:
             # e.g. a custom lookup comparing the token to a uuid column: such a token cannot exist.
             self.breaker.success()
             return None
+        except UNAVAILABLE_ERRORS as exc:
+            self.metrics.postgres_errors.labels(kind="lookup").inc()
+            self.breaker.failure()
+            if not isinstance(exc, CONNECTION_ERRORS):
+                log.error("token lookup failed: %s", type(exc).__name__)
+            raise StoreUnavailable(type(exc).__name__) from None
         except asyncio.CancelledError:
             self.breaker.release()
-            raise
-        except Exception:
-            self.breaker.success()  # Postgres answered (with an error): not an outage
             raise
         self.breaker.success()
         self.ever_connected = True
@@ -163,7 +168,9 @@ class PostgresTokenStore:
 
     async def ping(self) -> bool:
         try:
-            await self.pool.fetchval("SELECT 1", timeout=min(self.timeout, 2.0))
+            # Readiness probes time out after a few seconds: answer well within that.
+            async with asyncio.timeout(min(self.timeout, PING_TIMEOUT)):
+                await self.pool.fetchval("SELECT 1")
         except UNAVAILABLE_ERRORS:
             return False
         self.ever_connected = True

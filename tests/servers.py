@@ -10,6 +10,7 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -98,10 +99,36 @@ class PostgresServer:
                   "start")
         self.running = True
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "fast") -> None:
+        """`fast` keeps every committed row (outage tests restart the server); `immediate` is
+        for throwing it away (it does not wait for backends, e.g. ones still authenticating
+        connections that queued up while the server was paused)."""
         if self.running:
-            self._run(self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop")
+            self._run(self.pg_ctl, "-D", str(self.data), "-m", mode, "-w", "stop")
             self.running = False
+
+    def _pids(self) -> list[int]:
+        """The postmaster and its children (backends, checkpointer, ...)."""
+        master = int((self.data / "postmaster.pid").read_text().split()[0])
+        pids = [master]
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        if int(f.read().rsplit(")", 1)[1].split()[1]) == master:
+                            pids.append(int(entry))
+                except (OSError, ValueError, IndexError):
+                    continue
+        return pids
+
+    def pause(self) -> None:
+        """Hang (SIGSTOP) rather than stop: connections stay open and never answer."""
+        for pid in self._pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._pids():
+            os.kill(pid, signal.SIGCONT)
 
     def psql(self, sql: str, db: str = "sidecar") -> str:
         out = subprocess.run(
@@ -113,7 +140,9 @@ class PostgresServer:
 
     def destroy(self) -> None:
         try:
-            self.stop()
+            if self.running:
+                self.resume()  # a paused server cannot shut down
+            self.stop("immediate")
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -160,8 +189,18 @@ class RedisServer:
         )
         wait_port(self.port)
 
+    def pause(self) -> None:
+        """Hang (SIGSTOP) rather than stop: the data stays, connections never answer."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused server cannot die otherwise
             self.proc.kill()
             self.proc.wait(timeout=10)
             self.proc = None

@@ -360,3 +360,124 @@ async def test_listen_connection_killed_reconnects(
         return await status(http, sc, token) == 401
 
     await within(1.0, refused)
+
+
+async def warm_with_redis(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
+    redis_url: str, **settings: Any,
+) -> tuple[Sidecar, str, str]:
+    token, row_id = await db.add_token("app")
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_url=redis_url,
+                            **settings)
+    await listening(sc)
+    assert await status(http, sc, token) == 200  # now in L1 and in Redis
+    return sc, token, row_id
+
+
+async def always(seconds: float, check: Callable[[], Awaitable[bool]]) -> None:
+    """`check` must hold on every poll for `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert await check()
+        await asyncio.sleep(0.05)
+
+
+async def test_revocation_during_a_listen_gap_is_not_lost(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
+    redis_url: str,
+) -> None:
+    sc, token, row_id = await warm_with_redis(make_sidecar, db, upstream, http, redis_url)
+    listener = sc.app[LISTENERS][0]
+    await db.conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE application_name = 'apikey-sidecar-listen'")
+    # Deleted while nobody listens: the NOTIFY is lost. The Redis entry is still fresh.
+    await db.conn.execute("DELETE FROM api_tokens WHERE id = $1::uuid", row_id)
+
+    async def reconnected() -> bool:
+        return listener.connects >= 2 and listener.connected.is_set()
+
+    await within(15.0, reconnected)
+
+    async def refused() -> bool:
+        return await status(http, sc, token) == 401
+
+    await within(1.0, refused)  # not 600 s later, when the Redis entry would expire
+    await always(1.0, refused)
+
+
+async def test_revocation_while_redis_hangs_is_not_undone_when_it_returns(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
+    own_redis: RedisServer,
+) -> None:
+    sc, token, row_id = await warm_with_redis(make_sidecar, db, upstream, http, own_redis.url,
+                                              local_cache_ttl=0.3)
+    own_redis.pause()  # the data survives; calls time out and open the circuit
+    try:
+        await asyncio.sleep(0.4)  # L1 expired: the next request asks Redis and times out
+        assert await status(http, sc, token) == 200
+        await db.conn.execute("DELETE FROM api_tokens WHERE id = $1::uuid", row_id)
+
+        async def refused() -> bool:
+            return await status(http, sc, token) == 401
+
+        await within(1.0, refused)
+    finally:
+        own_redis.resume()
+    metrics = sc.app[SERVICES].metrics
+
+    async def redis_back() -> bool:
+        await status(http, sc, token)
+        return metrics.redis_circuit_open._value.get() == 0
+
+    await within(20.0, redis_back)
+    # The stale Redis entry (written before the missed delete) must not bring it back.
+    await always(1.5, refused)
+
+
+async def test_postgres_errors_other_than_connection_are_503_not_500(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
+) -> None:
+    sc = await make_sidecar(
+        upstream_url=str(upstream.make_url("")),
+        token_lookup_sql="SELECT id, tenant_id, app_id, type FROM no_such_table"
+                         " WHERE token = $1 AND type = $2")
+    async with http.get(sc.url("/a"), headers={"Authorization": "Bearer some-token"}) as r:
+        assert r.status == 503
+        assert orjson.loads(await r.read())["code"] == "auth_unavailable"
+    metrics = sc.app[SERVICES].metrics
+    assert metrics.requests.labels(outcome="unavailable", scope="app")._value.get() == 1
+    assert metrics.requests.labels(outcome="allowed", scope="app")._value.get() == 0
+
+
+async def test_hanging_postgres_costs_a_bounded_wait(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
+    own_postgres: PostgresServer,
+) -> None:
+    conn = await asyncpg.connect(own_postgres.dsn)
+    await conn.execute(SCHEMA)
+    warm = "app-" + uuid.uuid4().hex
+    await conn.execute("INSERT INTO api_tokens (type, token) VALUES ('app', $1)", warm)
+    await conn.close()
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")),
+                            database_url=own_postgres.dsn, database_timeout=1,
+                            database_pool_size=2, cache_ttl=1, local_cache_ttl=0.2)
+    assert await status(http, sc, warm) == 200
+    await asyncio.sleep(1.1)  # past the TTL: the next answer must come from Postgres or stale
+    own_postgres.pause()
+    try:
+        started = time.monotonic()
+        # More concurrent unseen tokens than pool connections: each waits at most ~timeout.
+        results = await asyncio.gather(
+            *(status(http, sc, f"unseen-{i}") for i in range(6)))
+        elapsed = time.monotonic() - started
+        assert results == [503] * 6
+        assert elapsed < 2.5, elapsed
+        assert await status(http, sc, warm) == 200  # stale-if-error, answered at once
+        started = time.monotonic()
+        async with http.get(sc.ops_url("/readyz")) as r:
+            assert r.status == 200
+            assert orjson.loads(await r.read())["postgres"] == "down"
+        assert time.monotonic() - started < 2.0
+    finally:
+        own_postgres.resume()

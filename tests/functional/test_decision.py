@@ -235,9 +235,14 @@ async def test_any_method_and_only_the_decision_path(
 ) -> None:
     token = tokens["app"][0]
     for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
-        resp = await raw_request(dify.main.port, method, "/_sidecar/auth", [bearer(token)])
+        resp = await raw_request(dify.main.port, method, "/_sidecar/auth/v1/chat",
+                                 [bearer(token)])
         assert resp.status == 200, method
         assert resp.headers["X-Api-Token-Scope"] == "app"
+        # The bare endpoint with no description of the original request decides nothing.
+        resp = await raw_request(dify.main.port, method, "/_sidecar/auth", [bearer(token)])
+        assert resp.status == 400, method
+        assert resp.identity() == {}, method
     # Decision-only mode: everything else is 404, including look-alikes of the endpoint.
     for target in ("/_sidecar/authx", "/_sidecar/auth%2Fv1", "/_sidecar/./auth", "/v1/chat",
                    "/_sidecar"):
@@ -323,7 +328,7 @@ async def test_untrusted_original_headers_are_reported_once(
         for _ in range(3):
             resp = await raw_request(untrusted.main.port, "GET", "/_sidecar/auth",
                                      [("X-Original-URI", "/public/x")])
-            assert resp.status == 401
+            assert resp.status == 400
     warnings = [r for r in caplog.records if r.name == "sidecar.decision"]
     assert len(warnings) == 1
     assert "SIDECAR_TRUSTED_PROXIES" in warnings[0].getMessage()
@@ -336,19 +341,16 @@ async def test_untrusted_peer_cannot_choose_the_request(
     untrusted: Sidecar, tokens: dict[str, tuple[str, str]], uri_header: str, method_header: str
 ) -> None:
     port = untrusted.main.port
-    # A protected path does not become public: the bare endpoint is judged as `GET /`.
-    resp = await raw_request(port, "GET", "/_sidecar/auth",
-                             [(uri_header, "/public/x"), (method_header, "GET")])
-    assert resp.status == 401
-    # Nor does a claimed path pick the scope: a dataset token is judged for `/` (app scope)...
-    resp = await raw_request(port, "GET", "/_sidecar/auth",
-                             [(uri_header, "/v1/datasets/x"), bearer(tokens["dataset"][0])])
-    assert resp.status == 401
-    # ... and an app token gets the app scope of its own path, not the claimed one.
-    resp = await raw_request(port, "GET", "/_sidecar/auth",
-                             [(uri_header, "/v1/datasets/x"), bearer(tokens["app"][0])])
-    assert resp.status == 200
-    assert resp.headers["X-Api-Token-Scope"] == "app"
+    # A description from an untrusted peer is ignored, which leaves the bare endpoint with
+    # no request to judge: refused whatever the token, so a protected path never becomes
+    # public and no token passes for a scope it does not have (fail closed).
+    for headers in ([(uri_header, "/public/x"), (method_header, "GET")],
+                    [(uri_header, "/v1/datasets/x"), bearer(tokens["dataset"][0])],
+                    [(uri_header, "/v1/datasets/x"), bearer(tokens["app"][0])],
+                    [(uri_header, "/v1/chat"), bearer(tokens["app"][0])]):
+        resp = await raw_request(port, "GET", "/_sidecar/auth", headers)
+        assert resp.status == 400, headers
+        assert resp.identity() == {}, headers
     # The path after /_sidecar/auth is the peer's own request: judged as it is...
     resp = await raw_request(port, "GET", "/_sidecar/auth/public/x",
                              [(uri_header, "/v1/datasets/x")])

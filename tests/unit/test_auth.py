@@ -199,3 +199,71 @@ async def test_lock_wait_timeout_or_redis_down_queries_postgres() -> None:
     auth2 = make(store2, down)
     assert (await auth2.authenticate("tok", "app")).token_id == "row-1"
     assert store2.calls == 1
+
+
+class SlowShared(FakeShared):
+    def __init__(self) -> None:
+        super().__init__()
+        self.get_delay = 0.0
+        self.gets = 0
+        self.hide_first = False
+
+    async def get(self, key: str) -> CacheEntry | None:
+        self.gets += 1
+        entry = self.data.get(key)  # read now, answer later: a GET in flight
+        await asyncio.sleep(self.get_delay)
+        if self.hide_first and self.gets == 1:
+            return None
+        return entry
+
+
+async def test_l2_read_overlapping_an_invalidation_does_not_refill_l1() -> None:
+    store, shared = FakeStore(), SlowShared()
+    auth = make(store, shared)
+    key = f"{auth.digest('tok')}:app"
+    shared.data[key] = CacheEntry(REC, 10_000.0, 10_000.0, 999.0)
+    shared.get_delay = 0.05
+    pending = asyncio.ensure_future(auth.authenticate("tok", "app"))
+    await asyncio.sleep(0.01)
+    del shared.data[key]
+    auth.forget(auth.digest("tok"))  # revoked while the L2 read was in flight
+    assert (await pending).token_id == "row-1"
+    assert auth.local.get(key) is None  # the old answer was not cached in L1
+
+
+async def test_lock_is_released_when_the_second_check_finds_an_answer() -> None:
+    store, shared = FakeStore(), SlowShared()
+    auth = make(store, shared)
+    key = f"{auth.digest('tok')}:app"
+    shared.data[key] = CacheEntry(REC, 10_000.0, 10_000.0, 999.0)
+    shared.hide_first = True  # first read misses, the second check (under the lock) hits
+    assert (await auth.authenticate("tok", "app")).token_id == "row-1"
+    assert store.calls == 0
+    assert shared.locks == {}
+
+
+async def test_entries_written_before_a_missed_invalidation_are_not_trusted() -> None:
+    store, shared, clock = FakeStore(), FakeShared(), Clock()
+    auth = make(store, shared, clock=clock)
+    key = f"{auth.digest('tok')}:app"
+    shared.data[key] = CacheEntry(REC, clock.now + 600, clock.now + 900, clock.now - 5)
+    auth.distrust_shared_before(clock.now)
+    with pytest.raises(InvalidToken):  # Postgres says the row is gone; L2 is not believed
+        await auth.authenticate("tok", "app")
+    assert store.calls == 1
+    assert shared.data[key].negative  # and L2 was rewritten with the current answer
+
+
+async def test_cancelled_leader_does_not_cancel_its_waiters() -> None:
+    store = FakeStore()
+    store.rows[("tok", "app")] = REC
+    store.delay = 0.05
+    auth = make(store)
+    leader = asyncio.ensure_future(auth.authenticate("tok", "app"))
+    await asyncio.sleep(0.01)
+    waiter = asyncio.ensure_future(auth.authenticate("tok", "app"))
+    await asyncio.sleep(0.01)
+    leader.cancel()
+    assert (await waiter).token_id == "row-1"  # took over instead of failing
+    with pytest.raises(asyncio.CancelledError):
+        await leader

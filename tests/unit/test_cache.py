@@ -97,3 +97,14 @@ def test_breaker_recovers_from_an_abandoned_probe() -> None:
     assert not br.allow()
     now[0] = 7.1
     assert br.allow()
+
+
+def test_breaker_escalates_once_for_concurrent_failures() -> None:
+    now = [0.0]
+    br = CircuitBreaker(base_delay=1.0, max_delay=30.0, clock=lambda: now[0])
+    allowed = [br.allow() for _ in range(20)]  # twenty calls in flight when Redis went away
+    assert all(allowed)
+    for _ in range(20):  # ... failing together
+        br.failure()
+    now[0] = 1.3  # still the first back-off (1 s +- 20 %), not 2**19 s capped at 30
+    assert br.allow()

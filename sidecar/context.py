@@ -12,6 +12,7 @@ class RequestInfo:
     """What the sidecar learned about one request, for metrics and the access log."""
 
     request_id: str = ""
+    judged_path: str | None = None  # the decision endpoint: the original request's path
     scope: str | None = None
     outcome: str | None = None
     token_id: str | None = None

@@ -217,6 +217,7 @@ def make_decision_handler() -> Callable[[web.Request], Awaitable[web.StreamRespo
         except BadDecisionRequest as exc:
             info_of(request).outcome = "bad_request"
             return json_error(400, "bad_request", exc.message)
+        info_of(request).judged_path = original.path
         identity = await authorize(request, svc, original.method, original.path)
         if identity is None:
             return web.Response(status=200, headers={ENVOY_REMOVE_HEADER: _REMOVE_ON_PUBLIC})

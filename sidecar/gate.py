@@ -24,7 +24,7 @@ from aiohttp import web
 
 from sidecar.context import info_of
 from sidecar.credentials import parse_authorization
-from sidecar.errors import AuthUnavailable, SidecarError, Unauthorized
+from sidecar.errors import AuthUnavailable, InvalidToken, SidecarError, Unauthorized
 from sidecar.models import Identity
 from sidecar.responses import error_response, json_error, outcome_of
 from sidecar.routing import INVALID_TARGET_RE, normalize_path
@@ -88,6 +88,9 @@ async def authorize(
         token = parse_authorization(
             request.headers.getall("Authorization", ()), svc.settings.max_token_length
         )
+        if not scope:
+            # No scope route covers the path: no token can be right, so ask nobody.
+            raise InvalidToken()
         identity = await svc.authenticator.authenticate(token, scope)
         outcome = "allowed"
     except Unauthorized:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,7 +33,11 @@ class JsonFormatter(logging.Formatter):
         if isinstance(fields, dict):
             doc.update(fields)
         if record.exc_info and record.exc_info[0] is not None:
+            # Where it failed, but not the exception's message: driver messages can quote
+            # the values involved, and a token must never reach a log line.
             doc["exc_type"] = record.exc_info[0].__name__
+            frames = traceback.extract_tb(record.exc_info[2])[-8:]
+            doc["exc_frames"] = [f"{f.filename}:{f.lineno} {f.name}" for f in frames]
         return orjson.dumps(doc, default=str).decode()
 
 
@@ -56,6 +61,7 @@ class AccessLogger(AbstractAccessLogger):
             extra={"fields": {
                 "method": request.method,
                 "path": request.path,
+                "judged_path": info.judged_path,
                 "status": response.status,
                 "scope": info.scope,
                 "outcome": info.outcome,

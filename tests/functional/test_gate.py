@@ -1,0 +1,52 @@
+"""The request path's own decisions, independent of the mode (proxy or decision)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from sidecar.app import create_app
+from sidecar.logs import AccessLogger
+from sidecar.settings import load_settings
+from tests.conftest import Db, SidecarFactory
+
+
+async def test_path_no_scope_route_covers_is_refused_without_a_lookup(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any
+) -> None:
+    token, _ = await db.add_token("app")
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")), scope_routes="/v1=app")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(sc.url("/v1/x"), headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 200
+        async with http.get(sc.url("/admin"), headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 401
+    assert await db.lookup_count() == 1  # only the /v1 request asked Postgres
+
+
+async def test_decision_access_log_names_the_judged_path(
+    db: Db, caplog: pytest.LogCaptureFixture
+) -> None:
+    token, _ = await db.add_token("app")
+    app = create_app(load_settings(database_url=db.dsn))
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server(access_log_class=AccessLogger)
+    try:
+        with caplog.at_level(logging.INFO, logger="aiohttp.access"):
+            async with aiohttp.ClientSession() as http, http.get(
+                    server.make_url("/_sidecar/auth"),
+                    headers={"Authorization": f"Bearer {token}",
+                             "X-Original-URI": "/v1/chat?x=1"}) as r:
+                assert r.status == 200
+    finally:
+        await server.close()
+    fields = [getattr(rec, "fields", {}) for rec in caplog.records if rec.msg == "access"]
+    assert fields
+    assert fields[0]["path"] == "/_sidecar/auth"
+    assert fields[0]["judged_path"] == "/v1/chat"
+    assert fields[0]["outcome"] == "allowed"
+    assert token not in caplog.text

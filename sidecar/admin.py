@@ -5,6 +5,8 @@ Rules that hold here:
    by mistake offers nothing to try.
 2. The admin token is compared in constant time; a wrong or missing one gets the same 401.
 3. Responses never echo the token being invalidated.
+4. Bodies are read until their end, at most `MAX_BODY` bytes (413 beyond), however they are
+   framed or cut into TCP segments.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hmac
 import uuid
 
 import orjson
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from sidecar.credentials import parse_authorization
 from sidecar.errors import Unauthorized
@@ -21,6 +23,19 @@ from sidecar.responses import WWW_AUTHENTICATE, json_error
 from sidecar.services import ops_services
 
 MAX_BODY = 64 * 1024
+
+
+async def _read_body(content: StreamReader, limit: int) -> bytes | None:
+    """The whole body, or None once it exceeds `limit` bytes. `read(n)` returns only what has
+    arrived so far, so a body in several TCP segments takes several reads; a chunked body has
+    no Content-Length to check up front, hence the limit here."""
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = await content.read(limit + 1 - len(body))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+    return None
 
 
 def _bad_request(message: str) -> web.Response:
@@ -42,8 +57,11 @@ async def invalidate(request: web.Request) -> web.Response:
 
     if request.content_length is not None and request.content_length > MAX_BODY:
         return json_error(413, "payload_too_large", "Body too large")
+    body = await _read_body(request.content, MAX_BODY)
+    if body is None:
+        return json_error(413, "payload_too_large", "Body too large")
     try:
-        doc = orjson.loads(await request.content.read(MAX_BODY + 1))
+        doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         return _bad_request("Body must be a JSON object")
     if not isinstance(doc, dict):

@@ -32,6 +32,8 @@ from sidecar.usage import LastUsedQueue, PostgresLastUsedWriter
 
 log = logging.getLogger("sidecar.app")
 
+FINAL_FLUSH_TIMEOUT = 10.0
+
 LISTENERS = web.AppKey("sidecar.listeners", list[PostgresListener | RedisSubscriber])
 
 __all__ = ["build_services", "create_app", "create_ops_app"]
@@ -69,7 +71,9 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
             metrics=metrics,
             timeout=settings.upstream_timeout,
             connect_timeout=settings.upstream_connect_timeout,
+            pool_timeout=settings.upstream_pool_timeout,
             max_connections=settings.upstream_max_connections,
+            websocket_max_message=settings.websocket_max_message,
             hide_credentials=settings.hide_credentials,
             host_header=settings.upstream_host_header,
         )
@@ -156,9 +160,12 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     async def usage_ctx(_: web.Application) -> AsyncIterator[None]:
         svc.usage.start()
         yield
-        await svc.usage.close(timeout=max(1.0, settings.shutdown_grace))
+        # In-flight requests already had the grace period; the final flush gets its own short
+        # bound so that shutdown as a whole stays predictable for the orchestrator.
+        await svc.usage.close(timeout=FINAL_FLUSH_TIMEOUT)
 
     app.cleanup_ctx.extend([store_ctx, redis_ctx, listeners_ctx, forwarder_ctx, usage_ctx])
     app.router.add_route("*", DECISION_ROUTE, make_decision_handler())
-    app.router.add_route("*", "/{tail:.*}", proxy_handler if svc.forwarder else not_found)
+    app.router.add_route("*", "/{tail:.*}", proxy_handler if svc.forwarder else not_found,
+                         expect_handler=Forwarder.defer_continue)
     return app

@@ -93,7 +93,9 @@ def upstream_request_headers(
     host_override: str | None,
     request_id: str,
 ) -> CIMultiDict[str]:
-    drop = HOP_BY_HOP | connection_tokens(headers)
+    # `Expect` too: the sidecar meets the client's 100-continue itself (sidecar.proxy rule 5);
+    # passing it on would make the upstream answer an expectation nobody waits for.
+    drop = HOP_BY_HOP | connection_tokens(headers) | {"expect"}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         low = name.lower()

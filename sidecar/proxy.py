@@ -9,17 +9,26 @@ Rules that hold here:
    the client connection is cut instead, so a truncated body is never mistaken for a whole one.
 3. The client session does not decompress, follow redirects or keep cookies: the upstream's
    bytes reach the client as they were.
+4. At most `max_connections` requests and WebSockets talk to the upstream at once; a request
+   waits at most `pool_timeout` for its turn, then gets 504. Nothing waits unbounded.
+5. `100 Continue` is sent only here, once the request is authenticated and has its turn: a
+   client that would be refused is never invited to upload its body
+   (`Forwarder.defer_continue`).
+6. A WebSocket message larger than `websocket_max_message` bytes, in either direction, closes
+   the socket with 1009 instead of being buffered; it never reaches the other side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+from http import HTTPStatus
 
 import aiohttp
-from aiohttp import WSMsgType, web
-from multidict import CIMultiDict
+from aiohttp import HttpVersion11, WSMsgType, web
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from yarl import URL
 
 from sidecar.context import info_of
@@ -27,13 +36,19 @@ from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
 from sidecar.headers import downstream_response_headers, upstream_request_headers
 from sidecar.metrics import Metrics
 from sidecar.models import Identity
+from sidecar.responses import json_error
 
 log = logging.getLogger("sidecar.proxy")
 
+# ws_connect writes its own handshake headers; Host is not among them: it is the client's, or
+# SIDECAR_UPSTREAM_HOST_HEADER, exactly as for plain requests.
 _WS_SKIP = frozenset({
     "sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
-    "sec-websocket-protocol", "sec-websocket-accept", "host", "content-length",
+    "sec-websocket-protocol", "sec-websocket-accept", "content-length",
 })
+# Headers of a refused handshake's body, which is not relayed (ws_connect does not keep it).
+_REFUSAL_SKIP = frozenset({"content-length", "content-type", "content-encoding"})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def _status_class(status: int) -> str:
@@ -48,7 +63,9 @@ class Forwarder:
         metrics: Metrics,
         timeout: float,
         connect_timeout: float,
+        pool_timeout: float,
         max_connections: int,
+        websocket_max_message: int,
         hide_credentials: bool,
         host_header: str | None,
     ) -> None:
@@ -56,10 +73,20 @@ class Forwarder:
         self.metrics = metrics
         self.hide_credentials = hide_credentials
         self.host_header = host_header
+        self.pool_timeout = pool_timeout
+        self.websocket_max_message = websocket_max_message
+        # `connect` covers aiohttp's own wait for a pooled connection plus the TCP connect. The
+        # slots below already keep requests from queueing inside aiohttp, so this only makes
+        # sure that no wait there can ever be unbounded.
         self.timeout = aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=connect_timeout, sock_read=timeout
+            total=None, connect=pool_timeout + connect_timeout, sock_connect=connect_timeout,
+            sock_read=timeout,
         )
         self._max_connections = max_connections
+        # One slot per upstream connection in use, held from before the request is sent until
+        # its response (or WebSocket) is finished. Waiting for a slot here rather than in
+        # aiohttp's pool tells "pool full" (504, below) apart from "cannot connect" (502).
+        self._slots = asyncio.Semaphore(max_connections)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -120,10 +147,54 @@ class Forwarder:
             request_id=request_id,
         )
         url = self._url(path, query)
-        if _is_websocket(request):
-            return await self._websocket(request, url, headers)
+        await self._take_slot()
+        try:
+            if _is_websocket(request):
+                return await self._websocket(request, url, headers)
+            return await self._http(request, url, headers, request_id)
+        finally:
+            self._slots.release()
 
+    @staticmethod
+    async def defer_continue(request: web.Request) -> web.StreamResponse | None:
+        """`expect_handler` of the proxy route. aiohttp's default sends `100 Continue` as soon
+        as the headers are in, before any middleware, which invites an unauthenticated client
+        to upload its body. This one sends nothing: `_http` sends it once the request is
+        allowed (rule 5), and a refused request gets its final answer at once."""
+        expect = request.headers.get("Expect", "")
+        if request.version == HttpVersion11 and expect.lower() != "100-continue":
+            # As aiohttp's default does: an expectation nobody here can meet.
+            info_of(request).outcome = "bad_request"
+            return json_error(417, "expectation_failed",
+                              "Only 'Expect: 100-continue' is supported")
+        return None
+
+    async def _take_slot(self) -> None:
+        if not self._slots.locked():
+            await self._slots.acquire()  # a slot is free: returns without suspending
+            return
+        try:
+            async with asyncio.timeout(self.pool_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            # Every connection is taken, typically by long SSE streams or WebSockets. 504, not
+            # 503: the request was allowed and it is the upstream side that could not take it
+            # in time, which is what a gateway timeout says (and what clients retry); 503 is
+            # the sidecar's "cannot decide on authentication" (SPEC 7), which nginx setups map.
+            self.metrics.upstream_responses.labels(status_class="timeout").inc()
+            log.warning("no free upstream connection within %ss (all %d in use)",
+                        self.pool_timeout, self._max_connections)
+            raise UpstreamTimeout("No upstream connection became free in time") from None
+
+    async def _http(
+        self, request: web.Request, url: URL, headers: CIMultiDict[str], request_id: str
+    ) -> web.StreamResponse:
         data = request.content if request.body_exists else None
+        if data is not None and _expects_continue(request):
+            await request.writer.write(_CONTINUE)
+            # Like aiohttp's own expect handler: the interim response is not part of the
+            # response size the access log reports.
+            request.writer.output_size = 0
         started = time.perf_counter()
         try:
             upstream = await self.session.request(
@@ -171,14 +242,22 @@ class Forwarder:
             p.strip() for v in request.headers.getall("Sec-WebSocket-Protocol", ())
             for p in v.split(",") if p.strip()
         )
+        # aiohttp refuses a message of exactly `max_msg_size` bytes (`>=`); one more makes the
+        # setting the largest message that passes.
+        max_msg_size = self.websocket_max_message + 1
         try:
             upstream_ws = await self.session.ws_connect(
                 url.with_scheme("wss" if url.scheme == "https" else "ws"),
                 headers=fwd, protocols=protocols, autoping=False, autoclose=False,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
+                max_msg_size=max_msg_size,
             )
         except aiohttp.WSServerHandshakeError as exc:
             self.metrics.upstream_responses.labels(status_class=_status_class(exc.status)).inc()
+            if 400 <= exc.status < 500:
+                # The upstream answered and said no (its own auth, unknown path, rate limit):
+                # that answer is the client's, not a gateway failure.
+                return _handshake_refusal(exc.status, exc.headers)
             raise UpstreamUnavailable() from None
         except (TimeoutError, aiohttp.ClientError, OSError):
             self.metrics.upstream_responses.labels(status_class="connect_error").inc()
@@ -187,7 +266,7 @@ class Forwarder:
 
         client_ws = web.WebSocketResponse(
             protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
-            autoping=False, autoclose=False, max_msg_size=0,
+            autoping=False, autoclose=False, max_msg_size=max_msg_size,
         )
         await client_ws.prepare(request)
 
@@ -221,6 +300,26 @@ class Forwarder:
             await upstream_ws.close()
             await client_ws.close()
         return client_ws
+
+
+def _handshake_refusal(status: int, upstream_headers: MultiMapping[str] | None) -> web.Response:
+    """The upstream's 4xx to a WebSocket handshake, with its headers (WWW-Authenticate,
+    Retry-After, ...). ws_connect does not keep the body, so a Dify-shaped one stands in."""
+    try:
+        code = re.sub(r"[^a-z0-9]+", "_", HTTPStatus(status).phrase.lower()).strip("_")
+    except ValueError:  # a status Python has no name for
+        code = "upstream_refused"
+    response = json_error(status, code, "Upstream refused the WebSocket handshake")
+    if isinstance(upstream_headers, CIMultiDictProxy):
+        for name, value in downstream_response_headers(upstream_headers).items():
+            if name.lower() not in _REFUSAL_SKIP:
+                response.headers.add(name, value)
+    return response
+
+
+def _expects_continue(request: web.Request) -> bool:
+    return (request.version == HttpVersion11
+            and request.headers.get("Expect", "").lower() == "100-continue")
 
 
 def _is_websocket(request: web.Request) -> bool:

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from pydantic import (
     Field,
@@ -64,14 +64,36 @@ def parse_networks(value: str) -> tuple[IPNetwork, ...]:
     return tuple(nets)
 
 
+# Query parameters that carry a password: libpq and asyncpg read `password` and `sslpassword`
+# (the client key's passphrase) from a DSN's query, redis-py reads `password`; `passwd` is a
+# common alias. Compared case-insensitively, after unescaping, so no spelling slips through.
+_SECRET_PARAMS = frozenset({"password", "sslpassword", "passwd"})
+
+
+def _redact_query(query: str) -> str:
+    # Rewritten in place, parameter by parameter, so everything else stays byte for byte.
+    out = []
+    for param in query.split("&"):
+        name, eq, _ = param.partition("=")
+        if eq and unquote_plus(name).lower() in _SECRET_PARAMS:
+            param = f"{name}=***"
+        out.append(param)
+    return "&".join(out)
+
+
 def redact_url(url: str) -> str:
-    """Replace the password of a DSN/URL with `***` (the user name stays: it helps debugging)."""
+    """Replace the passwords of a DSN/URL with `***`, in the user info and in the query (the
+    user name stays: it helps debugging)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.password is not None:
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        url = urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    # The query is cut out of the string rather than rebuilt with urlunsplit, which would
+    # rewrite `unix:///path` as `unix:/path`.
+    head, sep, tail = url.partition("?")
+    query, hash_, fragment = tail.partition("#")
+    return head + sep + _redact_query(query) + hash_ + fragment if sep else url
 
 
 _TEXT_PARSERS: dict[str, Callable[[str], Any]] = {
@@ -100,6 +122,8 @@ class Settings(BaseSettings):
     upstream_timeout: float = Field(300.0, gt=0)
     upstream_connect_timeout: float = Field(5.0, gt=0)
     upstream_max_connections: int = Field(1000, ge=1)
+    upstream_pool_timeout: float = Field(5.0, ge=0)
+    websocket_max_message: int = Field(16 * 1024 * 1024, ge=1)
     trusted_proxies: Annotated[tuple[IPNetwork, ...], NoDecode] = parse_networks(
         "127.0.0.1/32,::1/128"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -121,6 +122,19 @@ def test_check_config_names_each_bad_variable_and_hides_password() -> None:
     for secret in (PG_PASSWORD, "redispw", "admin-secret-0123456789"):
         assert secret not in res.stdout + res.stderr
 
+    # libpq, asyncpg and redis-py also take passwords as query parameters.
+    res = run_cli("check-config", env={
+        "SIDECAR_DATABASE_URL": f"postgresql://sidecar@127.0.0.1:5432/sidecar"
+                                f"?sslmode=prefer&password={PG_PASSWORD}&sslpassword=keypw",
+        "SIDECAR_REDIS_URL": "redis://127.0.0.1:1/0?password=redispw",
+    })
+    assert res.returncode == 0, res.stderr
+    assert ("SIDECAR_DATABASE_URL=postgresql://sidecar@127.0.0.1:5432/sidecar"
+            "?sslmode=prefer&password=***&sslpassword=***") in res.stdout
+    assert "SIDECAR_REDIS_URL=redis://127.0.0.1:1/0?password=***" in res.stdout
+    for secret in (PG_PASSWORD, "redispw", "keypw"):
+        assert secret not in res.stdout + res.stderr
+
 
 def test_bad_password_in_invalid_dsn_is_not_printed() -> None:
     res = run_cli("check-config", env={"SIDECAR_DATABASE_URL": f"mysql://u:{PG_PASSWORD}@h/db"})
@@ -156,3 +170,61 @@ async def test_schema_and_token_commands(own_postgres: PostgresServer) -> None:
     stored = own_postgres.psql("SELECT token FROM api_tokens")
     assert stored != token
     assert len(stored) == 64
+
+
+ADMIN = "admin-token-0123456789abcdef"
+
+
+async def admin_raw(port: int, head: bytes, parts: list[bytes]) -> tuple[int, bytes]:
+    """POST /admin/invalidate with the body written in `parts`, a pause between each, so the
+    server sees it arrive in separate TCP segments; returns (status, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /admin/invalidate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: Bearer " + ADMIN.encode() + b"\r\n"
+            b"Content-Type: application/json\r\n" + head + b"\r\n")
+        for part in parts:
+            writer.write(part)
+            await writer.drain()
+            await asyncio.sleep(0.2)
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        length = 0
+        while (line := await asyncio.wait_for(reader.readline(), 5)) != b"\r\n":
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        return int(status_line.split()[1]), await asyncio.wait_for(reader.readexactly(length), 5)
+    finally:
+        writer.close()
+
+
+def chunked(*pieces: bytes) -> list[bytes]:
+    return [b"%x\r\n%s\r\n" % (len(p), p) for p in pieces] + [b"0\r\n\r\n"]
+
+
+async def test_admin_body_arriving_in_pieces_is_read_whole(
+    make_sidecar: SidecarFactory, db: Db,
+) -> None:
+    sc = await make_sidecar(admin_token=ADMIN)
+    body = orjson.dumps({"tenant_id": TENANT})
+    expected = {"invalidated": "tenant", "tenant_id": TENANT}
+    half = len(body) // 2
+
+    status, answer = await admin_raw(sc.ops.port, b"Content-Length: %d\r\n" % len(body),
+                                     [body[:half], body[half:]])
+    assert status == 200, answer
+    assert orjson.loads(answer) == expected
+
+    status, answer = await admin_raw(sc.ops.port, b"Transfer-Encoding: chunked\r\n",
+                                     chunked(body[:half], body[half:]))
+    assert status == 200, answer
+    assert orjson.loads(answer) == expected
+
+    # Without a Content-Length the 64 KiB limit still holds, however the body is cut up.
+    big = orjson.dumps({"tenant_id": TENANT, "pad": "x" * (70 * 1024)})
+    status, answer = await admin_raw(sc.ops.port, b"Transfer-Encoding: chunked\r\n",
+                                     chunked(*(big[i:i + 16384] for i in range(0, len(big),
+                                                                                16384))))
+    assert status == 413
+    assert orjson.loads(answer)["code"] == "payload_too_large"

@@ -361,3 +361,108 @@ async def test_redis_stopped_while_running_still_serves_from_postgres(
     assert doc["redis"] == "down"
     assert doc["postgres"] == "ok"
     assert doc["status"] == "degraded"
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One response off a kept-open connection: (status, headers, body by Content-Length)."""
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    headers: dict[str, str] = {}
+    while (line := await asyncio.wait_for(reader.readline(), 5)) != b"\r\n":
+        name, _, value = line.decode().partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), 5)
+    return int(status_line.split()[1]), headers, body
+
+
+def expect_request(path: str, body: bytes, authorization: str | None) -> bytes:
+    auth = b"Authorization: " + authorization.encode() + b"\r\n" if authorization else b""
+    return (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n" % len(body)
+            + auth + b"\r\n")
+
+
+@pytest.mark.parametrize("authorization", [None, "Basic dXNlcjpwdw==", "Bearer", "Bearer unknown"],
+                         ids=["missing", "basic", "malformed", "unknown"])
+async def test_expect_continue_is_not_sent_to_refused_requests(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, authorization: str | None
+) -> None:
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")))
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.main.port)
+    try:
+        writer.write(expect_request("/upload", b"body", authorization))
+        await writer.drain()
+        # The final answer comes without a "100 Continue" first: the body is never invited.
+        status, headers, body = await read_response(reader)
+    finally:
+        writer.close()
+    assert status == 401
+    assert headers["www-authenticate"] == 'Bearer realm="api"'
+    assert orjson.loads(body)["code"] == "unauthorized"
+    assert upstream.app[CALLS] == []
+
+
+async def test_expect_continue_is_sent_once_the_request_is_allowed(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any
+) -> None:
+    token, _ = await db.add_token("app")
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")), public_routes="/public")
+    payload = b"uploaded only after 100 Continue"
+    for path, authorization in (("/upload", f"Bearer {token}"), ("/public/upload", None)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.main.port)
+        try:
+            writer.write(expect_request(path, payload, authorization))
+            await writer.drain()
+            assert await asyncio.wait_for(reader.readline(), 5) == b"HTTP/1.1 100 Continue\r\n"
+            assert await asyncio.wait_for(reader.readline(), 5) == b"\r\n"
+            writer.write(payload)
+            await writer.drain()
+            status, _, body = await read_response(reader)
+        finally:
+            writer.close()
+        assert status == 200
+        doc = orjson.loads(body)
+        assert doc["path"] == path
+        assert doc["body_sha256"] == hashlib.sha256(payload).hexdigest()
+
+
+async def test_unknown_expectation_is_refused(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any
+) -> None:
+    token, _ = await db.add_token("app")
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")))
+    status, body = await raw_request(
+        sc.main.port,
+        b"POST /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\nExpect: something-else\r\n"
+        b"Content-Length: 0\r\nAuthorization: Bearer " + token.encode() + b"\r\n\r\n",
+    )
+    assert status == 417
+    assert orjson.loads(body)["code"] == "expectation_failed"
+    assert upstream.app[CALLS] == []
+
+
+async def test_full_upstream_pool_answers_504_in_bounded_time(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession
+) -> None:
+    token, _ = await db.add_token("app")
+    auth = {"Authorization": f"Bearer {token}"}
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")), upstream_max_connections=1,
+                            upstream_pool_timeout=0.3)
+
+    async def get(path: str) -> tuple[int, bytes]:
+        async with http.get(sc.url(path), headers=auth) as r:
+            return r.status, await r.read()
+
+    # A long request holds the only upstream connection.
+    slow = asyncio.ensure_future(get("/slow?delay=1.5"))
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    status, body = await asyncio.wait_for(get("/a"), 3)
+    assert time.monotonic() - started < 1.0
+    assert status == 504
+    assert orjson.loads(body)["code"] == "gateway_timeout"
+    assert await asyncio.wait_for(slow, 5) == (200, b"late")
+    # The connection went back to the pool: the next request is served.
+    status, _ = await get("/a")
+    assert status == 200
+    async with http.get(sc.ops_url("/metrics")) as r:
+        assert 'sidecar_upstream_responses_total{status_class="timeout"} 1.0' in await r.text()

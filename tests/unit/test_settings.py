@@ -85,6 +85,8 @@ def test_redacted_hides_every_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     ("SIDECAR_LISTEN", "8080"),
     ("SIDECAR_NOTIFY_CHANNEL", "bad channel"),
     ("SIDECAR_TOKEN_LOOKUP_SQL", "DELETE FROM api_tokens"),
+    ("SIDECAR_WEBSOCKET_MAX_MESSAGE", "0"),
+    ("SIDECAR_UPSTREAM_POOL_TIMEOUT", "-1"),
 ])
 def test_invalid_values(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
     monkeypatch.setenv("SIDECAR_DATABASE_URL", DSN)
@@ -97,3 +99,43 @@ def test_invalid_values(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -
 def test_redact_url() -> None:
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert redact_url("postgresql://u:p%40ss@h/db") == "postgresql://u:***@h/db"
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    # libpq/asyncpg take the password (and the client key's passphrase) as query parameters too.
+    ("postgresql://u@h/db?password=S3cret", "postgresql://u@h/db?password=***"),
+    ("postgresql://u@h/db?sslmode=require&sslpassword=K3y&application_name=x",
+     "postgresql://u@h/db?sslmode=require&sslpassword=***&application_name=x"),
+    ("postgresql://u:p@h/db?passwd=S3cret&user=u", "postgresql://u:***@h/db?passwd=***&user=u"),
+    ("postgresql://u@h/db?PASSWORD=S3cret", "postgresql://u@h/db?PASSWORD=***"),
+    ("postgresql://u@h/db?pass%77ord=S3cret", "postgresql://u@h/db?pass%77ord=***"),
+    ("postgresql://u@h/db?password=a&password=b", "postgresql://u@h/db?password=***&password=***"),
+    ("postgresql://u@h/db?password", "postgresql://u@h/db?password"),  # nothing to hide
+    ("redis://h:6379/0?password=S3cret&db=1", "redis://h:6379/0?password=***&db=1"),
+    ("unix:///run/redis.sock?password=S3cret", "unix:///run/redis.sock?password=***"),
+    # Everything else is left exactly as written, escapes included.
+    ("postgresql://u@h/db?options=-c%20search_path%3Dx&sslmode=require",
+     "postgresql://u@h/db?options=-c%20search_path%3Dx&sslmode=require"),
+])
+def test_redact_url_hides_passwords_in_the_query(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+def test_redacted_hides_query_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIDECAR_DATABASE_URL", "postgresql://u@db/app?password=pg-query-pw")
+    monkeypatch.setenv("SIDECAR_REDIS_URL", "redis://127.0.0.1:6379/0?password=redis-query-pw")
+    out = load_settings().redacted()
+    assert out["SIDECAR_DATABASE_URL"] == "postgresql://u@db/app?password=***"
+    assert out["SIDECAR_REDIS_URL"] == "redis://127.0.0.1:6379/0?password=***"
+
+
+def test_proxy_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIDECAR_DATABASE_URL", DSN)
+    s = load_settings()
+    assert s.websocket_max_message == 16 * 1024 * 1024
+    assert s.upstream_pool_timeout == 5.0
+    monkeypatch.setenv("SIDECAR_WEBSOCKET_MAX_MESSAGE", "1")
+    monkeypatch.setenv("SIDECAR_UPSTREAM_POOL_TIMEOUT", "0")
+    s = load_settings()
+    assert s.websocket_max_message == 1
+    assert s.upstream_pool_timeout == 0

@@ -78,7 +78,7 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
             host_header=settings.upstream_host_header,
         )
     usage = LastUsedQueue(
-        _LazyWriter(store, settings.last_used_min_age, metrics),
+        _LazyWriter(store, settings.last_used_table, settings.last_used_min_age, metrics),
         flush_interval=settings.last_used_flush_interval,
         max_pending=settings.last_used_max_pending,
         metrics=metrics,
@@ -98,18 +98,25 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
 
 
 class _LazyWriter:
-    """The last-used writer needs the pool, which only exists once the store is open."""
+    """The last-used writer needs the pool, which only exists once the store is open.
+    With no table configured, batches are dropped: there is nowhere to write them."""
 
-    def __init__(self, store: PostgresTokenStore, min_age: float, metrics: Metrics) -> None:
+    def __init__(
+        self, store: PostgresTokenStore, table: str, min_age: float, metrics: Metrics
+    ) -> None:
         self._store = store
+        self._table = table
         self._min_age = min_age
         self._metrics = metrics
         self._writer: PostgresLastUsedWriter | None = None
 
     async def write_last_used(self, batch: Sequence[tuple[str, datetime]]) -> int:
+        if not self._table:
+            return 0
         if self._writer is None:
             self._writer = PostgresLastUsedWriter(
-                self._store.pool, min_age=self._min_age, metrics=self._metrics
+                self._store.pool, table=self._table, min_age=self._min_age,
+                metrics=self._metrics,
             )
         return await self._writer.write_last_used(batch)
 

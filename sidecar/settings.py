@@ -159,6 +159,11 @@ class Settings(BaseSettings):
     last_used_flush_interval: float = Field(10.0, gt=0)
     last_used_min_age: float = Field(60.0, ge=0)
     last_used_max_pending: int = Field(100_000, ge=1)
+    # Where last_used_at is written; empty: not written at all (e.g. a custom lookup whose
+    # table has no such column). Plain or schema-qualified identifiers only.
+    last_used_table: str = Field(
+        "api_tokens", pattern=r"^([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?)?$"
+    )
 
     # Ops (SPEC 10, 13)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"

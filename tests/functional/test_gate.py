@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestServer
 
 from sidecar.app import create_app
 from sidecar.logs import AccessLogger
+from sidecar.services import SERVICES
 from sidecar.settings import load_settings
 from tests.conftest import Db, SidecarFactory
 
@@ -50,3 +51,33 @@ async def test_decision_access_log_names_the_judged_path(
     assert fields[0]["judged_path"] == "/v1/chat"
     assert fields[0]["outcome"] == "allowed"
     assert token not in caplog.text
+
+
+async def test_last_used_goes_to_the_configured_table_or_nowhere(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any
+) -> None:
+    await db.conn.execute(
+        "DROP TABLE IF EXISTS keys_elsewhere;"
+        "CREATE TABLE keys_elsewhere (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),"
+        " tenant_id uuid, app_id uuid, type varchar(16) NOT NULL, token text NOT NULL,"
+        " last_used_at timestamp)")
+    try:
+        row_id = await db.conn.fetchval(
+            "INSERT INTO keys_elsewhere (type, token) VALUES ('app', 'elsewhere-token')"
+            " RETURNING id::text")
+        lookup = ("SELECT id, tenant_id, app_id, type FROM keys_elsewhere"
+                  " WHERE token = $1 AND type = $2")
+        for table, written in (("", False), ("keys_elsewhere", True)):
+            sc = await make_sidecar(upstream_url=str(upstream.make_url("")),
+                                    token_lookup_sql=lookup, last_used_table=table)
+            async with aiohttp.ClientSession() as http, http.get(
+                    sc.url("/a"), headers={"Authorization": "Bearer elsewhere-token"}) as r:
+                assert r.status == 200
+            svc = sc.app[SERVICES]
+            await svc.usage.flush()
+            assert svc.metrics.last_used_flush_errors._value.get() == 0
+            stored = await db.conn.fetchval(
+                "SELECT last_used_at FROM keys_elsewhere WHERE id = $1::uuid", row_id)
+            assert (stored is not None) is written, table
+    finally:
+        await db.conn.execute("DROP TABLE keys_elsewhere")

@@ -8,13 +8,20 @@ import signal
 import subprocess
 import sys
 import tempfile
-from typing import Any
+import time
+from typing import IO, Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Db
 from tests.servers import free_port, wait_port
+
+
+def _count(log: IO[bytes], needle: str) -> int:
+    log.flush()
+    with open(log.name, "rb") as f:
+        return f.read().decode(errors="replace").count(needle)
 
 
 async def test_workers_share_ports_and_aggregate_metrics(db: Db, upstream: Any) -> None:
@@ -26,13 +33,17 @@ async def test_workers_share_ports_and_aggregate_metrics(db: Db, upstream: Any) 
         "SIDECAR_LISTEN": f"127.0.0.1:{port}", "SIDECAR_OPS_LISTEN": f"127.0.0.1:{ops_port}",
         "SIDECAR_DATABASE_URL": db.dsn, "SIDECAR_UPSTREAM_URL": str(upstream.make_url("")),
     })
-    with tempfile.TemporaryFile() as log:
+    with tempfile.NamedTemporaryFile() as log:
         proc = subprocess.Popen([sys.executable, "-m", "sidecar", "serve", "--workers", "2"],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_port(port)
             wait_port(ops_port)
-            await asyncio.sleep(0.5)  # the second worker binds a moment later
+            # Each worker logs "listening" once both its sockets are bound.
+            deadline = time.monotonic() + 20
+            while _count(log, '"msg":"listening"') < 2:
+                assert time.monotonic() < deadline, "the workers did not both start"
+                await asyncio.sleep(0.05)
             pids: set[int] = set()
             requests = 60
             for _ in range(requests):

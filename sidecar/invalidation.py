@@ -55,15 +55,9 @@ class Invalidator:
     async def token_digest(
         self, digest: str, scope: str | None, *, source: str, publish: bool
     ) -> None:
-        scopes = [scope] if scope is not None else sorted(self.scopes)
-        self.auth.forget(digest, scope)
-        if self.redis is not None:
-            if not await self.redis.delete(*(cache_key(digest, s) for s in scopes)):
-                self._shared_missed()
-            self.auth.forget(digest, scope)
-            if publish:
-                await self.redis.publish(orjson.dumps({"d": digest, "s": scope}))
-        self._count(source)
+        await self._tokens({(digest, scope)}, source=source)
+        if publish and self.redis is not None:
+            await self.redis.publish(orjson.dumps({"d": digest, "s": scope}))
 
     async def token(self, token: str, scope: str | None, *, source: str) -> None:
         await self.token_digest(self.auth.digest(token), scope, source=source, publish=True)
@@ -86,21 +80,43 @@ class Invalidator:
             self.auth.forget_all()
         self._count(source)
 
-    async def on_notify(self, payload: str) -> None:
-        """A NOTIFY from the token table's triggers: a JSON array of changes."""
-        items = _parse(payload)
-        if items is None:
-            self.metrics.invalidations.labels(source="notify_malformed").inc()
-            log.warning("ignored a malformed invalidation notification")
-            return
-        for item in items:
-            if item.get("all") is True:
-                await self.everything(source="notify", shared=True)
+    async def on_notify(self, payloads: list[str]) -> None:
+        """NOTIFYs from the token table's triggers, each a JSON array of changes. All the
+        changes of a batch are dropped from L1 at once and from L2 in one round trip."""
+        changes: set[tuple[str, str | None]] = set()
+        everything = False
+        for payload in payloads:
+            items = _parse(payload)
+            if not isinstance(items, list):
+                self.metrics.invalidations.labels(source="notify_malformed").inc()
+                log.warning("ignored a malformed invalidation notification")
                 continue
-            digest, scope = item.get("h"), item.get("s")
-            if isinstance(digest, str) and _DIGEST_RE.match(digest):
-                await self.token_digest(digest, scope if isinstance(scope, str) else None,
-                                        source="notify", publish=False)
+            for item in items:
+                if not isinstance(item, dict):
+                    continue
+                if item.get("all") is True:
+                    everything = True
+                digest, scope = item.get("h"), item.get("s")
+                if isinstance(digest, str) and _DIGEST_RE.match(digest):
+                    changes.add((digest, scope if isinstance(scope, str) else None))
+        if everything:
+            await self.everything(source="notify", shared=True)
+        if changes:
+            await self._tokens(changes, source="notify")
+
+    async def _tokens(self, changes: set[tuple[str, str | None]], *, source: str) -> None:
+        keys = [cache_key(digest, s) for digest, scope in changes
+                for s in ([scope] if scope is not None else sorted(self.scopes))]
+        self._forget(changes)
+        if self.redis is not None:
+            if not await self.redis.delete(*keys):
+                self._shared_missed()
+            self._forget(changes)  # rule 4
+        self.metrics.invalidations.labels(source=source).inc(len(changes))
+
+    def _forget(self, changes: set[tuple[str, str | None]]) -> None:
+        for digest, scope in changes:
+            self.auth.forget(digest, scope)
 
     async def on_pubsub(self, data: str | bytes) -> None:
         """A message another replica (or this one) published after an admin invalidation."""

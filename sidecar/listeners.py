@@ -6,7 +6,9 @@ Rules that hold here:
 2. After a reconnect, `on_reconnect` runs first: messages sent while we were away are lost,
    so the owner must assume everything changed (the Invalidator clears L1 and, after a
    NOTIFY gap, stops trusting L2 entries written before the reconnect).
-3. Messages are handled in arrival order, one at a time, by a single consumer task.
+3. Messages are handled in arrival order by a single consumer task. LISTEN hands over every
+   notification already queued at once (up to `MAX_BATCH`), so a bulk change of many rows is
+   handled in a few batches instead of one round trip per row.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from redis.exceptions import RedisError
 log = logging.getLogger("sidecar.listeners")
 
 OnMessage = Callable[[str], Awaitable[None]]
+OnMessages = Callable[[list[str]], Awaitable[None]]
+
+MAX_BATCH = 1000
 OnReconnect = Callable[[], Awaitable[None]]
 
 
@@ -43,8 +48,7 @@ class Backoff:
 class _Subscription:
     name = "subscription"
 
-    def __init__(self, on_message: OnMessage, on_reconnect: OnReconnect) -> None:
-        self.on_message = on_message
+    def __init__(self, on_reconnect: OnReconnect) -> None:
         self.on_reconnect = on_reconnect
         self.connected = asyncio.Event()
         self.connects = 0
@@ -90,10 +94,11 @@ class PostgresListener(_Subscription):
     name = "postgres-listen"
 
     def __init__(
-        self, dsn: str, channel: str, on_message: OnMessage, on_reconnect: OnReconnect,
+        self, dsn: str, channel: str, on_messages: OnMessages, on_reconnect: OnReconnect,
         *, health_interval: float = 2.0, timeout: float = 5.0,
     ) -> None:
-        super().__init__(on_message, on_reconnect)
+        super().__init__(on_reconnect)
+        self.on_messages = on_messages
         self.dsn, self.channel = dsn, channel
         self.health_interval, self.timeout = health_interval, timeout
 
@@ -115,7 +120,10 @@ class PostgresListener(_Subscription):
                     # is not always noticed until we talk to it).
                     await conn.fetchval("SELECT 1", timeout=self.timeout)
                     continue
-                await self.on_message(payload)
+                batch = [payload]
+                while len(batch) < MAX_BATCH and not queue.empty():
+                    batch.append(queue.get_nowait())
+                await self.on_messages(batch)
             raise ConnectionError("listen connection terminated")
         finally:
             if not conn.is_closed():
@@ -131,7 +139,8 @@ class RedisSubscriber(_Subscription):
         self, client: aioredis.Redis, channel: str, on_message: OnMessage,
         on_reconnect: OnReconnect,
     ) -> None:
-        super().__init__(on_message, on_reconnect)
+        super().__init__(on_reconnect)
+        self.on_message = on_message
         self.client, self.channel = client, channel
 
     async def _session(self, backoff: Backoff) -> None:

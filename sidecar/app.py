@@ -23,6 +23,7 @@ from sidecar.listeners import PostgresListener, RedisSubscriber
 from sidecar.metrics import Metrics
 from sidecar.ops import create_ops_app
 from sidecar.proxy import Forwarder
+from sidecar.ratelimit import RateLimiter
 from sidecar.rediscache import PUBSUB_CHANNEL, RedisCache, connect
 from sidecar.routing import Router
 from sidecar.services import SERVICES, Services
@@ -84,6 +85,13 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
         metrics=metrics,
     )
     invalidator = Invalidator(authenticator, redis, settings.scopes, metrics)
+    limiter = RateLimiter(
+        per_token=settings.rate_limit,
+        per_tenant=settings.tenant_rate_limit,
+        redis=redis,
+        fail_open=settings.rate_limit_fail_open,
+        metrics=metrics,
+    )
     return Services(
         settings=settings,
         metrics=metrics,
@@ -94,6 +102,7 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
         forwarder=forwarder,
         usage=usage,
         invalidator=invalidator,
+        limiter=limiter,
     )
 
 

@@ -18,6 +18,8 @@ class RequestInfo:
     token_id: str | None = None
     tenant_id: str | None = None
     upstream_ms: float | None = None
+    # RateLimit-* headers of an allowed request, for its response (SPEC 9).
+    rate_headers: dict[str, str] | None = None
 
 
 REQUEST_INFO = web.RequestKey("sidecar.request_info", RequestInfo)

@@ -223,6 +223,7 @@ def make_decision_handler() -> Callable[[web.Request], Awaitable[web.StreamRespo
             return web.Response(status=200, headers={ENVOY_REMOVE_HEADER: _REMOVE_ON_PUBLIC})
         headers = identity_headers(identity)
         headers[ENVOY_REMOVE_HEADER] = _REMOVE_ON_ALLOW
+        headers.update(info_of(request).rate_headers or {})
         return web.Response(status=200, headers=headers)
 
     return decision_handler

@@ -44,6 +44,16 @@ class AuthUnavailable(SidecarError):
     message = "Authentication is temporarily unavailable"
 
 
+class RateLimited(SidecarError):
+    """Over a rate limit (SPEC 9); `headers` are the Retry-After and RateLimit-* headers."""
+
+    message = "Too many requests"
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        super().__init__()
+        self.headers = headers
+
+
 class StoreUnavailable(Exception):
     """Raised by a token store when its backend cannot answer (connection, timeout)."""
 

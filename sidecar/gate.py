@@ -24,7 +24,13 @@ from aiohttp import web
 
 from sidecar.context import info_of
 from sidecar.credentials import parse_authorization
-from sidecar.errors import AuthUnavailable, InvalidToken, SidecarError, Unauthorized
+from sidecar.errors import (
+    AuthUnavailable,
+    InvalidToken,
+    RateLimited,
+    SidecarError,
+    Unauthorized,
+)
 from sidecar.models import Identity
 from sidecar.responses import error_response, json_error, outcome_of
 from sidecar.routing import INVALID_TARGET_RE, normalize_path
@@ -65,6 +71,8 @@ async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamR
             response = json_error(500, "internal_error", "Internal error")
         if not response.prepared:
             response.headers["X-Request-Id"] = info.request_id
+            if info.rate_headers and info.outcome == "allowed":
+                response.headers.update(info.rate_headers)
         return response
     finally:
         metrics.in_flight.dec()
@@ -92,9 +100,16 @@ async def authorize(
             # No scope route covers the path: no token can be right, so ask nobody.
             raise InvalidToken()
         identity = await svc.authenticator.authenticate(token, scope)
+        if svc.limiter.enabled:
+            verdict = await svc.limiter.check(identity)
+            if verdict is not None:
+                info.rate_headers = verdict.headers()
         outcome = "allowed"
     except Unauthorized:
         outcome = "unauthorized"
+        raise
+    except RateLimited:
+        outcome = "rate_limited"
         raise
     except AuthUnavailable:
         outcome = "unavailable"

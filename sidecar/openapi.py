@@ -123,7 +123,8 @@ def _decision_operation(method: str, with_path: bool) -> JSON:
                               required=False) for name in IDENTITY_HEADERS}
     allowed: JSON = {
         "description": "Allowed. Empty body. Carries the identity of the token, or none on a "
-                       "public route (SIDECAR_PUBLIC_ROUTES).",
+                       "public route (SIDECAR_PUBLIC_ROUTES). With rate limits configured, "
+                       "also RateLimit-Limit, RateLimit-Remaining and RateLimit-Reset.",
         "headers": {
             **identity,
             ENVOY_REMOVE_HEADER: _header(
@@ -144,8 +145,8 @@ def _decision_operation(method: str, with_path: bool) -> JSON:
         "404": _error(404, "not_found", "The request target is another spelling of this path "
                       "(percent-encoded letters, dot segments): not the decision endpoint.",
                       head=head, headers={"X-Request-Id": _REQUEST_ID}),
-        "429": _error(429, "too_many_requests", "Rate limited (SPEC 9). Not produced by this "
-                      "version, which has no rate limiting yet.", head=head, headers={
+        "429": _error(429, "too_many_requests", "Over SIDECAR_RATE_LIMIT or "
+                      "SIDECAR_TENANT_RATE_LIMIT (SPEC 9).", head=head, headers={
                           "Retry-After": _RETRY_AFTER,
                           "RateLimit-Limit": _header("The limit that applies."),
                           "RateLimit-Remaining": _header("Requests left in the window."),

@@ -221,6 +221,9 @@ class Forwarder:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.extend(downstream_response_headers(upstream.headers))
             response.headers["X-Request-Id"] = request_id
+            rate_headers = info_of(request).rate_headers
+            if rate_headers:
+                response.headers.update(rate_headers)
             await response.prepare(request)
             try:
                 async for chunk in upstream.content.iter_any():

@@ -70,7 +70,9 @@ class RedisCache:
         else:
             log.info("redis available again")
 
-    async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T | None:
+    async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T | None:
+        """Run one Redis operation through the breaker: its result, or None when Redis
+        could not be asked (rule 1). Also used by other Redis users (rate limits)."""
         if not self.breaker.allow():
             return None
         try:
@@ -91,7 +93,7 @@ class RedisCache:
         return not self.breaker.is_open
 
     async def get(self, key: str) -> CacheEntry | None:
-        raw = await self._call("get", lambda: self.client.get(TOKEN_PREFIX + key))
+        raw = await self.call("get", lambda: self.client.get(TOKEN_PREFIX + key))
         if not isinstance(raw, bytes):
             return None
         return CacheEntry.decode(raw)
@@ -113,7 +115,7 @@ class RedisCache:
                     pipe.expire(index, ttl)
                 await pipe.execute()
 
-        await self._call("set", write)
+        await self.call("set", write)
 
     async def delete(self, *keys: str) -> bool:
         """Delete entries; False when Redis could not be asked (the caller must then assume
@@ -126,7 +128,7 @@ class RedisCache:
             await self.client.delete(*names)
             return True
 
-        return bool(await self._call("delete", run))
+        return bool(await self.call("delete", run))
 
     async def delete_tenant(self, tenant_id: str) -> bool:
         """Delete every cached entry indexed under the tenant; False when Redis could not."""
@@ -138,7 +140,7 @@ class RedisCache:
             await self.client.delete(*names, index)
             return True
 
-        return bool(await self._call("delete_tenant", run))
+        return bool(await self.call("delete_tenant", run))
 
     async def delete_all(self) -> bool:
         """Drop every token entry (after TRUNCATE of the token table); False when Redis
@@ -149,24 +151,24 @@ class RedisCache:
                 await self.client.delete(*batch)
             return True
 
-        return bool(await self._call("delete_all", run))
+        return bool(await self.call("delete_all", run))
 
     async def try_lock(self, key: str, ttl: float) -> str | None:
         """Take the cross-replica lookup lock of a key: its owner token, or None when another
         replica holds it or Redis cannot be asked (check `available` to tell which)."""
         owner = secrets.token_hex(8)
-        ok = await self._call(
+        ok = await self.call(
             "lock", lambda: self.client.set(LOCK_PREFIX + key, owner, nx=True,
                                             px=int(ttl * 1000))
         )
         return owner if ok else None
 
     async def unlock(self, key: str, owner: str) -> None:
-        await self._call("unlock", lambda: self.client.eval(_RELEASE, 1, LOCK_PREFIX + key,
+        await self.call("unlock", lambda: self.client.eval(_RELEASE, 1, LOCK_PREFIX + key,
                                                              owner))
 
     async def publish(self, message: bytes) -> None:
-        await self._call("publish", lambda: self.client.publish(PUBSUB_CHANNEL, message))
+        await self.call("publish", lambda: self.client.publish(PUBSUB_CHANNEL, message))
 
     async def ping(self) -> bool:
         try:

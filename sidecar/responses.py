@@ -7,6 +7,7 @@ from aiohttp import web
 
 from sidecar.errors import (
     AuthUnavailable,
+    RateLimited,
     SidecarError,
     Unauthorized,
     UpstreamTimeout,
@@ -18,6 +19,7 @@ WWW_AUTHENTICATE = 'Bearer realm="api"'
 # error class -> (status, code, outcome label)
 _TABLE: tuple[tuple[type[SidecarError], int, str, str], ...] = (
     (Unauthorized, 401, "unauthorized", "unauthorized"),
+    (RateLimited, 429, "too_many_requests", "rate_limited"),
     (AuthUnavailable, 503, "auth_unavailable", "unavailable"),
     (UpstreamUnavailable, 502, "bad_gateway", "allowed"),
     (UpstreamTimeout, 504, "gateway_timeout", "allowed"),
@@ -44,5 +46,7 @@ def error_response(exc: SidecarError) -> web.Response:
             headers = {"WWW-Authenticate": WWW_AUTHENTICATE} if status == 401 else None
             if status == 503:
                 headers = {"Retry-After": "1"}
+            if isinstance(exc, RateLimited):
+                headers = exc.headers
             return json_error(status, code, exc.message, headers)
     return json_error(500, "internal_error", "Internal error")

@@ -11,6 +11,7 @@ from sidecar.headers import peer_trusted
 from sidecar.invalidation import Invalidator
 from sidecar.metrics import Metrics
 from sidecar.proxy import Forwarder
+from sidecar.ratelimit import RateLimiter
 from sidecar.rediscache import RedisCache
 from sidecar.routing import Router
 from sidecar.settings import Settings
@@ -29,6 +30,7 @@ class Services:
     forwarder: Forwarder | None
     usage: LastUsedQueue
     invalidator: Invalidator
+    limiter: RateLimiter
 
     def is_trusted(self, peer: str | None) -> bool:
         return peer_trusted(peer, self.settings.trusted_proxies)

@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sidecar.rate import Rate, parse_rate
 from sidecar.routing import PublicRoute, ScopeRoute, parse_public_routes, parse_scope_routes
 
 ENV_PREFIX = "SIDECAR_"
@@ -165,6 +166,11 @@ class Settings(BaseSettings):
         "api_tokens", pattern=r"^([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?)?$"
     )
 
+    # Rate limits (SPEC 9): off unless set
+    rate_limit: Annotated[Rate | None, NoDecode] = None
+    tenant_rate_limit: Annotated[Rate | None, NoDecode] = None
+    rate_limit_fail_open: bool = True
+
     # Ops (SPEC 10, 13)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
 
@@ -173,6 +179,13 @@ class Settings(BaseSettings):
     def _parse_text(cls, v: Any, info: ValidationInfo) -> Any:
         # These settings arrive from the environment as one comma-separated string.
         return _TEXT_PARSERS[str(info.field_name)](v) if isinstance(v, str) else v
+
+    @field_validator("rate_limit", "tenant_rate_limit", mode="before")
+    @classmethod
+    def _rate(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return parse_rate(v) if v.strip() else None
+        return v
 
     @field_validator("log_level", mode="before")
     @classmethod

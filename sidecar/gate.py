@@ -83,7 +83,7 @@ async def authorize(
     request: web.Request, svc: Services, method: str, raw_path: str
 ) -> Identity | None:
     """Decide on a request for (method, raw path): the Identity, None for a public route,
-    or raise Unauthorized / AuthUnavailable."""
+    or raise Unauthorized / RateLimited / AuthUnavailable."""
     info = info_of(request)
     scope = svc.router.required_scope(method, raw_path)
     if scope is None:

@@ -55,12 +55,6 @@ async def redis_data_calls(client: aioredis.Redis) -> int:
                if k.split("_", 1)[1] in ("get", "set", "eval", "del", "sadd", "expire", "smembers"))
 
 
-@pytest.fixture
-async def http() -> Any:
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        yield session
-
 
 async def test_thousand_concurrent_misses_make_one_lookup(
     make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,

@@ -31,11 +31,6 @@ def headers_of(doc: dict[str, Any]) -> dict[str, list[str]]:
     return out
 
 
-@pytest.fixture
-async def http() -> Any:
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
-        yield session
-
 
 async def test_valid_token_reaches_upstream_with_identity(
     make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession

@@ -8,7 +8,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-import pytest
 
 from tests.conftest import Db, Sidecar, SidecarFactory
 from tests.servers import RedisServer
@@ -20,11 +19,6 @@ async def get(http: aiohttp.ClientSession, sc: Sidecar, token: str,
         await r.read()
         return r
 
-
-@pytest.fixture
-async def http() -> Any:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def test_token_limit_with_headers_and_recovery(

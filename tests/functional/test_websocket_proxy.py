@@ -61,11 +61,6 @@ async def ws_upstream() -> AsyncIterator[TestServer]:
     await server.close()
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
 
 async def test_messages_over_the_limit_close_the_socket_either_way(
     make_sidecar: SidecarFactory, db: Db, ws_upstream: TestServer,

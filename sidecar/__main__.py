@@ -21,7 +21,8 @@ from sidecar.settings import Settings, SettingsError, load_settings
 log = logging.getLogger("sidecar")
 
 
-DEFAULT_CHANNEL = "sidecar_invalidate"
+# The channel written in schema.sql, which is also the setting's default.
+DEFAULT_CHANNEL = str(Settings.model_fields["notify_channel"].default)
 
 
 def schema_sql(channel: str = DEFAULT_CHANNEL) -> str:

@@ -23,13 +23,12 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Protocol
 
 from sidecar.cache import CacheEntry, LocalCache, cache_key, key_digest
 from sidecar.errors import AuthUnavailable, InvalidToken, StoreUnavailable
 from sidecar.metrics import Metrics
-from sidecar.models import Identity, TokenRecord
+from sidecar.models import Identity, TokenRecord, utc_now_naive
 
 
 class TokenStore(Protocol):
@@ -60,10 +59,6 @@ class LockPolicy:
     wait: float = 5.0
     first_poll: float = 0.005
     max_poll: float = 0.1
-
-
-def utcnow_naive() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class Authenticator:
@@ -116,7 +111,7 @@ class Authenticator:
     def _decide(self, entry: CacheEntry, scope: str) -> Identity:
         rec = entry.record
         # expires_at/disabled are checked on every request, cached or not (SPEC 4).
-        if rec is None or rec.scope != scope or not rec.usable(utcnow_naive):
+        if rec is None or rec.scope != scope or not rec.usable(utc_now_naive):
             raise InvalidToken()
         return Identity.of(rec)
 

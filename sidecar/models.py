@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+
+
+# Dify stores times as naive UTC (`timestamp` columns); so does everything here.
+def utc_now_naive() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def naive_utc(at: datetime) -> datetime:
+    """`at` as naive UTC; a naive value is taken to be UTC already."""
+    return at if at.tzinfo is None else at.astimezone(UTC).replace(tzinfo=None)
 
 
 @dataclass(frozen=True, slots=True)

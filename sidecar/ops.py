@@ -65,7 +65,6 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     svc = ops_services(request)
-    svc.metrics.last_used_pending.set(svc.usage.pending)
     body = svc.metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

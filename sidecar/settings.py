@@ -26,12 +26,12 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sidecar.headers import IPNetwork
 from sidecar.rate import Rate, parse_rate
 from sidecar.routing import PublicRoute, ScopeRoute, parse_public_routes, parse_scope_routes
 
 ENV_PREFIX = "SIDECAR_"
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _LISTEN_RE = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[^:\[\]]*):(?P<port>\d{1,5})$")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -31,7 +31,7 @@ from sidecar.breaker import CircuitBreaker
 from sidecar.cache import token_digest
 from sidecar.errors import StoreUnavailable
 from sidecar.metrics import Metrics
-from sidecar.models import TokenRecord
+from sidecar.models import TokenRecord, naive_utc
 
 log = logging.getLogger("sidecar.store")
 
@@ -66,12 +66,8 @@ def _text(value: Any) -> str | None:
     return str(value)
 
 
-def _naive_utc(value: Any) -> datetime | None:
-    if not isinstance(value, datetime):
-        return None
-    if value.tzinfo is not None:
-        return value.astimezone(UTC).replace(tzinfo=None)
-    return value
+def _expires_at(value: Any) -> datetime | None:
+    return naive_utc(value) if isinstance(value, datetime) else None
 
 
 def record_from_row(row: asyncpg.Record) -> TokenRecord:
@@ -81,7 +77,7 @@ def record_from_row(row: asyncpg.Record) -> TokenRecord:
         tenant_id=_text(row["tenant_id"]),
         app_id=_text(row["app_id"]),
         scope=str(row["type"]),
-        expires_at=_naive_utc(row["expires_at"]) if "expires_at" in keys else None,
+        expires_at=_expires_at(row["expires_at"]) if "expires_at" in keys else None,
         disabled=bool(row["disabled"]) if "disabled" in keys else False,
     )
 

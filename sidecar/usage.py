@@ -27,8 +27,10 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
+
+from sidecar.models import naive_utc, utc_now_naive
 
 if TYPE_CHECKING:
     import asyncpg
@@ -53,16 +55,6 @@ class LastUsedWriter(Protocol):
         Raises on failure; the caller keeps the batch and retries it later.
         """
         ...
-
-
-def utc_now_naive() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
-
-
-def _naive_utc(at: datetime) -> datetime:
-    if at.tzinfo is None:
-        return at
-    return at.astimezone(UTC).replace(tzinfo=None)
 
 
 def retry_delay(
@@ -134,7 +126,7 @@ class PostgresLastUsedWriter:
                 # Not a uuid: no row of a uuid column can have it, and sending it would make
                 # Postgres reject the whole statement, and with it every valid id of the batch.
                 continue
-            at = _naive_utc(at)
+            at = naive_utc(at)
             prev = latest.get(key)
             # If an id appeared twice in one statement, Postgres would pick one of its rows
             # unpredictably; keep only the latest time per id.
@@ -207,7 +199,7 @@ class LastUsedQueue:
 
     def record(self, token_id: str, at: datetime | None = None) -> None:
         try:
-            at = utc_now_naive() if at is None else _naive_utc(at)
+            at = utc_now_naive() if at is None else naive_utc(at)
             pending = self._pending
             prev = pending.get(token_id)
             if prev is None:

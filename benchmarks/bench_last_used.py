@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make `sidecar` and `tests` importable
     sys.path.insert(0, str(ROOT))
 
-from sidecar.usage import LastUsedQueue, PostgresLastUsedWriter  # noqa: E402
+from sidecar.last_used import LastUsedQueue, PostgresLastUsedWriter  # noqa: E402
 from tests.servers import benchmark_postgres  # noqa: E402
 
 SCHEMA = (ROOT / "config" / "schema.sql").read_text()

@@ -8,8 +8,7 @@ reverse and only for what started (the last-used queue flushes before the pool c
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -19,7 +18,7 @@ from sidecar.cache import LocalCache
 from sidecar.decision import DECISION_ROUTE, make_decision_handler
 from sidecar.gate import gate_middleware, not_found, proxy_handler
 from sidecar.invalidation import Invalidator
-from sidecar.listeners import PostgresListener, RedisSubscriber
+from sidecar.last_used import DeferredPostgresWriter, LastUsedQueue
 from sidecar.metrics import Metrics
 from sidecar.ops import create_ops_app
 from sidecar.proxy import Forwarder
@@ -29,13 +28,13 @@ from sidecar.routing import Router
 from sidecar.services import SERVICES, Services
 from sidecar.settings import Settings
 from sidecar.store import PostgresTokenStore
-from sidecar.usage import LastUsedQueue, PostgresLastUsedWriter
+from sidecar.subscriptions import PostgresSubscription, RedisSubscriber
 
 log = logging.getLogger("sidecar.app")
 
 FINAL_FLUSH_TIMEOUT = 10.0
 
-LISTENERS = web.AppKey("sidecar.listeners", list[PostgresListener | RedisSubscriber])
+SUBSCRIPTIONS = web.AppKey("sidecar.subscriptions", list[PostgresSubscription | RedisSubscriber])
 
 __all__ = ["build_services", "create_app", "create_ops_app"]
 
@@ -79,7 +78,8 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
             host_header=settings.upstream_host_header,
         )
     usage = LastUsedQueue(
-        _LazyWriter(store, settings.last_used_table, settings.last_used_min_age, metrics),
+        DeferredPostgresWriter(lambda: store.pool, table=settings.last_used_table,
+                               min_age=settings.last_used_min_age, metrics=metrics),
         flush_interval=settings.last_used_flush_interval,
         max_pending=settings.last_used_max_pending,
         metrics=metrics,
@@ -104,30 +104,6 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
         invalidator=invalidator,
         limiter=limiter,
     )
-
-
-class _LazyWriter:
-    """The last-used writer needs the pool, which only exists once the store is open.
-    With no table configured, batches are dropped: there is nowhere to write them."""
-
-    def __init__(
-        self, store: PostgresTokenStore, table: str, min_age: float, metrics: Metrics
-    ) -> None:
-        self._store = store
-        self._table = table
-        self._min_age = min_age
-        self._metrics = metrics
-        self._writer: PostgresLastUsedWriter | None = None
-
-    async def write_last_used(self, batch: Sequence[tuple[str, datetime]]) -> int:
-        if not self._table:
-            return 0
-        if self._writer is None:
-            self._writer = PostgresLastUsedWriter(
-                self._store.pool, table=self._table, min_age=self._min_age,
-                metrics=self._metrics,
-            )
-        return await self._writer.write_last_used(batch)
 
 
 def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
@@ -157,9 +133,9 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         if svc.forwarder is not None:
             await svc.forwarder.close()
 
-    async def listeners_ctx(_: web.Application) -> AsyncIterator[None]:
+    async def subscriptions_ctx(_: web.Application) -> AsyncIterator[None]:
         inv = svc.invalidator
-        subs: list[PostgresListener | RedisSubscriber] = [PostgresListener(
+        subs: list[PostgresSubscription | RedisSubscriber] = [PostgresSubscription(
             settings.database_url.get_secret_value(), settings.notify_channel,
             inv.on_notify, lambda: inv.on_reconnect("notify"),
         )]
@@ -168,7 +144,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
                                         lambda: inv.on_reconnect("pubsub")))
         for sub in subs:
             sub.start()
-        app[LISTENERS] = subs
+        app[SUBSCRIPTIONS] = subs
         yield
         for sub in subs:
             await sub.close()
@@ -180,7 +156,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         # bound so that shutdown as a whole stays predictable for the orchestrator.
         await svc.usage.close(timeout=FINAL_FLUSH_TIMEOUT)
 
-    app.cleanup_ctx.extend([store_ctx, redis_ctx, listeners_ctx, forwarder_ctx, usage_ctx])
+    app.cleanup_ctx.extend([store_ctx, redis_ctx, subscriptions_ctx, forwarder_ctx, usage_ctx])
     app.router.add_route("*", DECISION_ROUTE, make_decision_handler())
     app.router.add_route("*", "/{tail:.*}", proxy_handler if svc.forwarder else not_found,
                          expect_handler=Forwarder.defer_continue)

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from sidecar.cache import CacheEntry, LocalCache, cache_key, key_digest
+from sidecar.cache import CacheEntry, LocalCache, cache_key
+from sidecar.credentials import key_digest
 from sidecar.errors import AuthUnavailable, InvalidToken, StoreUnavailable
 from sidecar.metrics import Metrics
 from sidecar.models import Identity, TokenRecord, utc_now_naive
@@ -105,7 +106,7 @@ class Authenticator:
             (self._l1_neg if entry.negative else self._l1_hit).inc()
         else:
             self._l1_miss.inc()
-            entry = await self._resolve_shared(key, token, scope, entry)
+            entry = await self._single_flight(key, token, scope, entry)
         return self._decide(entry, scope)
 
     def _decide(self, entry: CacheEntry, scope: str) -> Identity:
@@ -115,7 +116,7 @@ class Authenticator:
             raise InvalidToken()
         return Identity.of(rec)
 
-    async def _resolve_shared(
+    async def _single_flight(
         self, key: str, token: str, scope: str, local: CacheEntry | None
     ) -> CacheEntry:
         while (fut := self._inflight.get(key)) is not None:
@@ -131,7 +132,7 @@ class Authenticator:
         fut = asyncio.get_running_loop().create_future()
         self._inflight[key] = fut
         try:
-            entry = await self._resolve(key, token, scope, local)
+            entry = await self._resolve_tiers(key, token, scope, local)
         except asyncio.CancelledError:
             fut.cancel()
             raise
@@ -147,7 +148,7 @@ class Authenticator:
             if self._inflight.get(key) is fut:
                 del self._inflight[key]
 
-    async def _resolve(
+    async def _resolve_tiers(
         self, key: str, token: str, scope: str, local: CacheEntry | None
     ) -> CacheEntry:
         epoch = self._epoch

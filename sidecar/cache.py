@@ -1,10 +1,8 @@
 """Cache entries and the in-process tier (L1).
 
 Rules that hold here:
-1. A cache key is `digest:scope`, where the digest is the SHA-256 of the token *as stored in
-   the token table* (the raw token, or its SHA-256 with `SIDECAR_TOKEN_HASH=sha256`). The
-   database triggers compute the same digest from the column, so their NOTIFY payloads name
-   cache keys without the raw token ever leaving the process that received it.
+1. A cache key is `digest:scope`, the digest being `sidecar.credentials.key_digest` (the
+   SHA-256 of the token as stored), which the NOTIFY triggers can compute from the column.
 2. An entry carries wall-clock deadlines (`fresh_until`, `stale_until`) so that an entry read
    back from Redis means the same thing in every replica.
 3. A negative entry (record is None) is never stale-usable: it answers only while fresh.
@@ -14,7 +12,6 @@ Rules that hold here:
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,15 +23,6 @@ import orjson
 from sidecar.models import TokenRecord
 
 FORMAT_VERSION = 1
-
-
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def key_digest(token: str, hashed_storage: bool) -> str:
-    """The digest cache keys use (rule 1): sha256 of the stored column value."""
-    return token_digest(token_digest(token) if hashed_storage else token)
 
 
 def cache_key(digest: str, scope: str) -> str:

@@ -1,11 +1,18 @@
-"""Reading the bearer token from a request's headers (SPEC 3.1). Pure functions, no I/O.
+"""Reading the bearer token from a request's headers (SPEC 3.1) and the digests that stand
+for it everywhere else. Pure functions, no I/O.
 
-Rule: every rejection here happens before any cache or database is touched, and the error
-raised never contains the header's value.
+Rules that hold here:
+1. Every rejection happens before any cache or database is touched, and the error raised
+   never contains the header's value.
+2. Past this module a token is named by its digest: the SHA-256 of the token *as stored in
+   the token table* (the raw token, or its SHA-256 with `SIDECAR_TOKEN_HASH=sha256`). The
+   database triggers compute the same digest from the column, so NOTIFY payloads and cache
+   keys name a token without the raw value ever leaving the process that received it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 
@@ -32,3 +39,12 @@ def parse_authorization(values: Sequence[str], max_length: int) -> str:
         # Cannot be a valid token; answered like an unknown one.
         raise InvalidToken()
     return token
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def key_digest(token: str, hashed_storage: bool) -> str:
+    """The digest cache keys use (rule 2): sha256 of the stored column value."""
+    return token_digest(token_digest(token) if hashed_storage else token)

@@ -35,9 +35,9 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from sidecar.context import info_of
 from sidecar.gate import authorize, not_found
 from sidecar.headers import IDENTITY_HEADERS, identity_headers
+from sidecar.request_info import info_of
 from sidecar.responses import json_error
 from sidecar.routing import INVALID_TARGET_RE, normalize_path
 from sidecar.services import SERVICES

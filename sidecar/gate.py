@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from sidecar.context import info_of
 from sidecar.credentials import parse_authorization
 from sidecar.errors import (
     AuthUnavailable,
@@ -32,6 +31,7 @@ from sidecar.errors import (
     Unauthorized,
 )
 from sidecar.models import Identity
+from sidecar.request_info import info_of
 from sidecar.responses import error_response, json_error, outcome_of
 from sidecar.routing import INVALID_TARGET_RE, normalize_path
 from sidecar.services import SERVICES, Services

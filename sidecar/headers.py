@@ -4,15 +4,13 @@ Rules that hold here:
 1. Identity header names are compared after lower-casing and mapping every character other
    than a letter or digit to `-`, because several servers (gunicorn/werkzeug, CGI, PHP) read
    `X_Tenant_Id` or even `X.Tenant.Id` as `X-Tenant-Id`.
-2. Forwarding headers from a client are believed only when its peer address is trusted.
+2. Forwarding headers from a client are believed only when its peer address is trusted
+   (`sidecar.trust`).
 """
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import re
-from collections.abc import Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -52,26 +50,6 @@ def identity_headers(identity: Identity) -> dict[str, str]:
         "X-Api-Token-Id": identity.token_id,
         "X-Api-Token-Scope": identity.scope,
     }
-
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@functools.lru_cache(maxsize=4096)
-def _address(peer: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """Parsed once per distinct peer: this runs for every request."""
-    try:
-        addr = ipaddress.ip_address(peer.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
-def peer_trusted(peer: str | None, trusted: Iterable[IPNetwork]) -> bool:
-    addr = _address(peer) if peer else None
-    return addr is not None and any(addr in net for net in trusted)
 
 
 def connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:

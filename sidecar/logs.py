@@ -17,7 +17,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
-from sidecar.context import info_of
+from sidecar.request_info import info_of
 
 
 class JsonFormatter(logging.Formatter):

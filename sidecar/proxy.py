@@ -31,11 +31,11 @@ from aiohttp import HttpVersion11, WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from yarl import URL
 
-from sidecar.context import info_of
 from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
 from sidecar.headers import downstream_response_headers, upstream_request_headers
 from sidecar.metrics import Metrics
 from sidecar.models import Identity
+from sidecar.request_info import info_of
 from sidecar.responses import json_error
 
 log = logging.getLogger("sidecar.proxy")

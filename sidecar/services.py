@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from sidecar.auth import Authenticator
-from sidecar.headers import peer_trusted
 from sidecar.invalidation import Invalidator
+from sidecar.last_used import LastUsedQueue
 from sidecar.metrics import Metrics
 from sidecar.proxy import Forwarder
 from sidecar.ratelimit import RateLimiter
@@ -16,7 +16,7 @@ from sidecar.rediscache import RedisCache
 from sidecar.routing import Router
 from sidecar.settings import Settings
 from sidecar.store import PostgresTokenStore
-from sidecar.usage import LastUsedQueue
+from sidecar.trust import peer_trusted
 
 
 @dataclass

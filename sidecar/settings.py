@@ -26,9 +26,9 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from sidecar.headers import IPNetwork
 from sidecar.rate import Rate, parse_rate
 from sidecar.routing import PublicRoute, ScopeRoute, parse_public_routes, parse_scope_routes
+from sidecar.trust import IPNetwork
 
 ENV_PREFIX = "SIDECAR_"
 

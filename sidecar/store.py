@@ -28,7 +28,7 @@ from typing import Any
 import asyncpg
 
 from sidecar.breaker import CircuitBreaker
-from sidecar.cache import token_digest
+from sidecar.credentials import token_digest
 from sidecar.errors import StoreUnavailable
 from sidecar.metrics import Metrics
 from sidecar.models import TokenRecord, naive_utc

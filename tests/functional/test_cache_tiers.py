@@ -15,7 +15,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from sidecar.app import LISTENERS
+from sidecar.app import SUBSCRIPTIONS
 from sidecar.services import SERVICES
 from tests.conftest import SCHEMA, Db, Sidecar, SidecarFactory
 from tests.servers import PostgresServer, RedisServer
@@ -27,7 +27,7 @@ ADMIN = "admin-token-0123456789abcdef"
 
 async def listening(*sidecars: Sidecar) -> None:
     for sc in sidecars:
-        for sub in sc.app[LISTENERS]:
+        for sub in sc.app[SUBSCRIPTIONS]:
             await asyncio.wait_for(sub.connected.wait(), 10)
 
 
@@ -162,7 +162,7 @@ async def test_insert_clears_negative_entry(
 async def test_hashed_storage_invalidation_uses_the_same_digest(
     make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
 ) -> None:
-    from sidecar.cache import token_digest
+    from sidecar.credentials import token_digest
 
     token = "app-hashed-" + uuid.uuid4().hex
     _, row_id = await db.add_token("app", token=token, stored=token_digest(token))
@@ -339,7 +339,7 @@ async def test_listen_connection_killed_reconnects(
     token, row_id = await db.add_token("app")
     sc = await make_sidecar(upstream_url=str(upstream.make_url("")))
     await listening(sc)
-    listener = sc.app[LISTENERS][0]
+    listener = sc.app[SUBSCRIPTIONS][0]
     assert await status(http, sc, token) == 200
     killed = await db.conn.fetchval(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
@@ -385,7 +385,7 @@ async def test_revocation_during_a_listen_gap_is_not_lost(
     redis_url: str,
 ) -> None:
     sc, token, row_id = await warm_with_redis(make_sidecar, db, upstream, http, redis_url)
-    listener = sc.app[LISTENERS][0]
+    listener = sc.app[SUBSCRIPTIONS][0]
     await db.conn.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
         " WHERE application_name = 'apikey-sidecar-listen'")

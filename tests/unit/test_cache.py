@@ -3,7 +3,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from sidecar.breaker import CircuitBreaker
-from sidecar.cache import CacheEntry, LocalCache, key_digest, token_digest
+from sidecar.cache import CacheEntry, LocalCache
+from sidecar.credentials import key_digest, token_digest
 from sidecar.models import TokenRecord
 
 REC = TokenRecord("id-1", "tenant-1", None, "app", datetime(2030, 1, 1, 12, 0), False)

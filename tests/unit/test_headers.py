@@ -7,10 +7,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar.headers import (
     downstream_response_headers,
     is_identity,
-    peer_trusted,
     upstream_request_headers,
 )
 from sidecar.models import Identity
+from sidecar.trust import peer_trusted
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
 

@@ -23,7 +23,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-log = logging.getLogger("sidecar.listeners")
+log = logging.getLogger("sidecar.subscriptions")
 
 OnMessage = Callable[[str], Awaitable[None]]
 OnMessages = Callable[[list[str]], Awaitable[None]]
@@ -88,7 +88,7 @@ class _Subscription:
         raise NotImplementedError
 
 
-class PostgresListener(_Subscription):
+class PostgresSubscription(_Subscription):
     """LISTEN on a channel over a dedicated connection (pooled connections get recycled)."""
 
     name = "postgres-listen"

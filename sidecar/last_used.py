@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from sidecar.metrics import Metrics
 
-_log = logging.getLogger("sidecar.usage")
+_log = logging.getLogger("sidecar.last_used")
 
 # A table name is put into the SQL text (identifiers cannot be parameters). Only plain,
 # optionally schema-qualified names are accepted; they are not quoted so that the statement
@@ -156,6 +156,31 @@ class PostgresLastUsedWriter:
         # The command tag is "UPDATE <rows>".
         count = status.rpartition(" ")[2]
         return int(count) if count.isdigit() else 0
+
+
+class DeferredPostgresWriter:
+    """A `PostgresLastUsedWriter` built on first use: the pool only exists once the store is
+    open, after the app is wired. With no table configured (a custom lookup SQL that names
+    none) batches are dropped: there is nowhere to write them."""
+
+    def __init__(
+        self, pool: Callable[[], asyncpg.Pool], *, table: str, min_age: float,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._pool = pool
+        self._table = table
+        self._min_age = min_age
+        self._metrics = metrics
+        self._writer: PostgresLastUsedWriter | None = None
+
+    async def write_last_used(self, batch: Sequence[tuple[str, datetime]]) -> int:
+        if not self._table:
+            return 0
+        if self._writer is None:
+            self._writer = PostgresLastUsedWriter(
+                self._pool(), table=self._table, min_age=self._min_age, metrics=self._metrics,
+            )
+        return await self._writer.write_last_used(batch)
 
 
 class LastUsedQueue:

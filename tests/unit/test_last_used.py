@@ -16,8 +16,8 @@ from typing import Any, cast
 import pytest
 from prometheus_client import CollectorRegistry
 
+from sidecar.last_used import LastUsedQueue, PostgresLastUsedWriter, retry_delay
 from sidecar.metrics import Metrics
-from sidecar.usage import LastUsedQueue, PostgresLastUsedWriter, retry_delay
 
 T0 = datetime(2024, 5, 1, 12, 0, 0)
 
@@ -348,7 +348,7 @@ async def test_backoff_grows_on_failures_and_resets_on_success(
         writer.failures_left = 1 if script[len(sleeps) - 1] else 0
 
     q._sleep = fake_sleep
-    with caplog.at_level(logging.WARNING, logger="sidecar.usage"):
+    with caplog.at_level(logging.WARNING, logger="sidecar.last_used"):
         q.start()
         await asyncio.wait_for(done.wait(), 5)
         failures_before_close = q.consecutive_failures
@@ -415,7 +415,7 @@ async def test_close_does_not_hang_on_a_stuck_writer(caplog: pytest.LogCaptureFi
     q = make_queue(writer)
     q.record("a", ts(1))
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="sidecar.usage"):
+    with caplog.at_level(logging.WARNING, logger="sidecar.last_used"):
         await q.close(timeout=0.2)
     assert time.monotonic() - started < 1.0
     assert q.pending == 1  # not written, not pretended to be
@@ -427,7 +427,7 @@ async def test_close_logs_and_gives_up_on_failure(caplog: pytest.LogCaptureFixtu
     writer.failures_left = 100
     q = make_queue(writer)
     q.record("tok-id", ts(1))
-    with caplog.at_level(logging.WARNING, logger="sidecar.usage"):
+    with caplog.at_level(logging.WARNING, logger="sidecar.last_used"):
         await q.close(timeout=1.0)  # must not raise
     messages = [r.getMessage() for r in caplog.records]
     assert any("1 ids not written" in m for m in messages)

@@ -12,8 +12,8 @@ import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
+from sidecar.last_used import LastUsedQueue, PostgresLastUsedWriter
 from sidecar.metrics import Metrics
-from sidecar.usage import LastUsedQueue, PostgresLastUsedWriter
 from tests.conftest import SCHEMA, Db
 from tests.servers import PostgresServer
 

@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import hmac
 import uuid
+from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import StreamReader, web
+from pydantic import SecretStr
 
 from sidecar.credentials import parse_authorization
-from sidecar.errors import Unauthorized
-from sidecar.responses import WWW_AUTHENTICATE, json_error
-from sidecar.services import ops_services
+from sidecar.errors import BadRequest, InvalidToken, NotFound, PayloadTooLarge
+from sidecar.responses import Handler, json_body
+
+if TYPE_CHECKING:
+    from sidecar.invalidation import Invalidator
 
 MAX_BODY = 64 * 1024
 
@@ -38,51 +42,43 @@ async def _read_body(content: StreamReader, limit: int) -> bytes | None:
     return None
 
 
-def _bad_request(message: str) -> web.Response:
-    return json_error(400, "bad_request", message)
+def make_invalidate_handler(invalidator: Invalidator, admin_token: SecretStr | None) -> Handler:
+    """`POST /admin/invalidate`; errors are raised and answered by the error middleware."""
 
-
-async def invalidate(request: web.Request) -> web.Response:
-    svc = ops_services(request)
-    admin = svc.settings.admin_token
-    if admin is None:
-        return json_error(404, "not_found", "Not found")
-    try:
+    async def invalidate(request: web.Request) -> web.StreamResponse:
+        if admin_token is None:
+            raise NotFound()  # rule 1
         given = parse_authorization(request.headers.getall("Authorization", ()), 4096)
-    except Unauthorized as exc:
-        return json_error(401, "unauthorized", exc.message, {"WWW-Authenticate": WWW_AUTHENTICATE})
-    if not hmac.compare_digest(given.encode(), admin.get_secret_value().encode()):
-        return json_error(401, "unauthorized", "Access token is invalid",
-                          {"WWW-Authenticate": WWW_AUTHENTICATE})
+        if not hmac.compare_digest(given.encode(), admin_token.get_secret_value().encode()):
+            raise InvalidToken()
 
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        return json_error(413, "payload_too_large", "Body too large")
-    body = await _read_body(request.content, MAX_BODY)
-    if body is None:
-        return json_error(413, "payload_too_large", "Body too large")
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return _bad_request("Body must be a JSON object")
-    if not isinstance(doc, dict):
-        return _bad_request("Body must be a JSON object")
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise PayloadTooLarge()
+        body = await _read_body(request.content, MAX_BODY)
+        if body is None:
+            raise PayloadTooLarge()
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise BadRequest("Body must be a JSON object") from None
+        if not isinstance(doc, dict):
+            raise BadRequest("Body must be a JSON object")
 
-    inv = svc.invalidator
-    token, scope, tenant = doc.get("token"), doc.get("scope"), doc.get("tenant_id")
-    if (token is None) == (tenant is None):
-        return _bad_request("Give exactly one of 'token' or 'tenant_id'")
-    if scope is not None and (token is None or not isinstance(scope, str) or not scope):
-        return _bad_request("'scope' must be a non-empty string and goes with 'token'")
-    if token is not None:
-        if not isinstance(token, str) or not token:
-            return _bad_request("'token' must be a non-empty string")
-        await inv.token(token, scope, source="admin")
-        return web.json_response({"invalidated": "token", "scope": scope or "all"},
-                                 dumps=lambda o: orjson.dumps(o).decode())
-    try:
-        tenant_id = str(uuid.UUID(str(tenant)))
-    except ValueError:
-        return _bad_request("'tenant_id' must be a UUID")
-    await inv.tenant(tenant_id, source="admin", publish=True)
-    return web.json_response({"invalidated": "tenant", "tenant_id": tenant_id},
-                             dumps=lambda o: orjson.dumps(o).decode())
+        token, scope, tenant = doc.get("token"), doc.get("scope"), doc.get("tenant_id")
+        if (token is None) == (tenant is None):
+            raise BadRequest("Give exactly one of 'token' or 'tenant_id'")
+        if scope is not None and (token is None or not isinstance(scope, str) or not scope):
+            raise BadRequest("'scope' must be a non-empty string and goes with 'token'")
+        if token is not None:
+            if not isinstance(token, str) or not token:
+                raise BadRequest("'token' must be a non-empty string")
+            await invalidator.token(token, scope, source="admin")
+            return json_body({"invalidated": "token", "scope": scope or "all"})
+        try:
+            tenant_id = str(uuid.UUID(str(tenant)))
+        except ValueError:
+            raise BadRequest("'tenant_id' must be a UUID") from None
+        await invalidator.tenant(tenant_id, source="admin", publish=True)
+        return json_body({"invalidated": "tenant", "tenant_id": tenant_id})
+
+    return invalidate

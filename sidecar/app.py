@@ -3,29 +3,35 @@
 Objects are built here synchronously; anything that opens a connection or starts a task does
 so in a `cleanup_ctx` entry, one per resource, in dependency order, so tear-down runs in
 reverse and only for what started (the last-used queue flushes before the pool closes).
+
+The few objects other code needs to reach afterwards (the ops app, tests) are kept on the
+Application under typed keys; request handlers never read them there: their factories are
+handed what they use.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from sidecar.auth import Authenticator
+from sidecar.auth import Authenticator, CachePolicy, LockPolicy
 from sidecar.cache import LocalCache
 from sidecar.decision import DECISION_ROUTE, make_decision_handler
-from sidecar.gate import gate_middleware, not_found, proxy_handler
+from sidecar.gate import Gate, add_response_headers, make_proxy_handler, not_found
 from sidecar.invalidation import Invalidator
 from sidecar.last_used import DeferredPostgresWriter, LastUsedQueue
 from sidecar.metrics import Metrics
-from sidecar.ops import create_ops_app
-from sidecar.proxy import Forwarder
+from sidecar.ops import build_ops_app
+from sidecar.proxy import Forwarder, UpstreamLimits
 from sidecar.ratelimit import RateLimiter
+from sidecar.readiness import Readiness
 from sidecar.rediscache import PUBSUB_CHANNEL, RedisCache, connect
+from sidecar.responses import error_middleware
 from sidecar.routing import Router
-from sidecar.services import SERVICES, Services
 from sidecar.settings import Settings
 from sidecar.store import PostgresTokenStore
 from sidecar.subscriptions import PostgresSubscription, RedisSubscriber
@@ -33,13 +39,28 @@ from sidecar.subscriptions import PostgresSubscription, RedisSubscriber
 log = logging.getLogger("sidecar.app")
 
 FINAL_FLUSH_TIMEOUT = 10.0
+# The name of the main listener's catch-all route: the upstream's API (or 404 without one).
+UPSTREAM_ROUTE = "upstream"
 
+METRICS = web.AppKey("sidecar.metrics", Metrics)
+LAST_USED = web.AppKey("sidecar.last_used", LastUsedQueue)
+# Only in proxy mode.
+FORWARDER = web.AppKey("sidecar.forwarder", Forwarder)
+OPS_APP = web.AppKey("sidecar.ops_app", web.Application)
 SUBSCRIPTIONS = web.AppKey("sidecar.subscriptions", list[PostgresSubscription | RedisSubscriber])
 
-__all__ = ["build_services", "create_app", "create_ops_app"]
+__all__ = ["FORWARDER", "LAST_USED", "METRICS", "create_app", "create_ops_app"]
 
 
-def build_services(settings: Settings, registry: CollectorRegistry | None = None) -> Services:
+def create_app(
+    settings: Settings,
+    *,
+    registry: CollectorRegistry | None = None,
+    lock: LockPolicy | None = None,
+    clock: Callable[[], float] = time.time,
+) -> web.Application:
+    """The main Application; `lock` and `clock` are for tests (cross-replica lock pacing,
+    the wall clock cache deadlines are read from)."""
     metrics = Metrics(registry)
     store = PostgresTokenStore(
         settings.database_url.get_secret_value(),
@@ -59,25 +80,28 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
         local=LocalCache(settings.local_cache_size, settings.local_cache_ttl),
         shared=redis,
         metrics=metrics,
-        ttl=settings.cache_ttl,
-        negative_ttl=settings.negative_cache_ttl,
-        stale_if_error=settings.stale_if_error,
+        policy=CachePolicy(ttl=settings.cache_ttl, negative_ttl=settings.negative_cache_ttl,
+                           stale_if_error=settings.stale_if_error),
         hashed_storage=settings.token_hash == "sha256",
+        lock=lock,
+        clock=clock,
     )
     forwarder = None
     if settings.upstream_url:
         forwarder = Forwarder(
             settings.upstream_url,
             metrics=metrics,
-            timeout=settings.upstream_timeout,
-            connect_timeout=settings.upstream_connect_timeout,
-            pool_timeout=settings.upstream_pool_timeout,
-            max_connections=settings.upstream_max_connections,
-            websocket_max_message=settings.websocket_max_message,
+            limits=UpstreamLimits(
+                timeout=settings.upstream_timeout,
+                connect_timeout=settings.upstream_connect_timeout,
+                pool_timeout=settings.upstream_pool_timeout,
+                max_connections=settings.upstream_max_connections,
+                websocket_max_message=settings.websocket_max_message,
+            ),
             hide_credentials=settings.hide_credentials,
             host_header=settings.upstream_host_header,
         )
-    usage = LastUsedQueue(
+    last_used = LastUsedQueue(
         DeferredPostgresWriter(lambda: store.pool, table=settings.last_used_table,
                                min_age=settings.last_used_min_age, metrics=metrics),
         flush_interval=settings.last_used_flush_interval,
@@ -92,56 +116,59 @@ def build_services(settings: Settings, registry: CollectorRegistry | None = None
         fail_open=settings.rate_limit_fail_open,
         metrics=metrics,
     )
-    return Services(
-        settings=settings,
-        metrics=metrics,
+    gate = Gate(
         router=Router(settings.scope_routes, settings.public_routes),
-        store=store,
-        redis=redis,
         authenticator=authenticator,
-        forwarder=forwarder,
-        usage=usage,
-        invalidator=invalidator,
         limiter=limiter,
+        last_used=last_used,
+        metrics=metrics,
+        max_token_length=settings.max_token_length,
+        trusted_proxies=settings.trusted_proxies,
     )
 
-
-def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
-    svc = build_services(settings, registry)
     # client_max_size=0: bodies are streamed, never buffered, so no size cap applies here.
-    app = web.Application(middlewares=[gate_middleware], client_max_size=0)
-    app[SERVICES] = svc
+    app = web.Application(middlewares=[gate.middleware(), error_middleware], client_max_size=0)
+    app.on_response_prepare.append(add_response_headers)
+    app[METRICS] = metrics
+    app[LAST_USED] = last_used
+    if forwarder is not None:
+        app[FORWARDER] = forwarder
+    app[OPS_APP] = build_ops_app(
+        metrics=metrics,
+        readiness=Readiness(store, redis, forwarder),
+        invalidator=invalidator,
+        admin_token=settings.admin_token,
+    )
 
     async def store_ctx(_: web.Application) -> AsyncIterator[None]:
-        await svc.store.open()
-        if await svc.store.ping():
+        await store.open()
+        if await store.ping():
             log.info("postgres reachable")
         else:
             log.warning("postgres not reachable yet; will keep trying on demand")
         yield
-        await svc.store.close()
+        await store.close()
 
     async def redis_ctx(_: web.Application) -> AsyncIterator[None]:
         yield
-        if svc.redis is not None:
-            await svc.redis.client.aclose()
+        if redis is not None:
+            await redis.client.aclose()
 
     async def forwarder_ctx(_: web.Application) -> AsyncIterator[None]:
-        if svc.forwarder is not None:
-            await svc.forwarder.start()
+        if forwarder is not None:
+            await forwarder.start()
         yield
-        if svc.forwarder is not None:
-            await svc.forwarder.close()
+        if forwarder is not None:
+            await forwarder.close()
 
     async def subscriptions_ctx(_: web.Application) -> AsyncIterator[None]:
-        inv = svc.invalidator
         subs: list[PostgresSubscription | RedisSubscriber] = [PostgresSubscription(
             settings.database_url.get_secret_value(), settings.notify_channel,
-            inv.on_notify, lambda: inv.on_reconnect("notify"),
+            invalidator.on_notify, lambda: invalidator.on_reconnect("notify"),
         )]
-        if svc.redis is not None:
-            subs.append(RedisSubscriber(svc.redis.client, PUBSUB_CHANNEL, inv.on_pubsub,
-                                        lambda: inv.on_reconnect("pubsub")))
+        if redis is not None:
+            subs.append(RedisSubscriber(redis.client, PUBSUB_CHANNEL, invalidator.on_pubsub,
+                                        lambda: invalidator.on_reconnect("pubsub")))
         for sub in subs:
             sub.start()
         app[SUBSCRIPTIONS] = subs
@@ -149,15 +176,23 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         for sub in subs:
             await sub.close()
 
-    async def usage_ctx(_: web.Application) -> AsyncIterator[None]:
-        svc.usage.start()
+    async def last_used_ctx(_: web.Application) -> AsyncIterator[None]:
+        last_used.start()
         yield
         # In-flight requests already had the grace period; the final flush gets its own short
         # bound so that shutdown as a whole stays predictable for the orchestrator.
-        await svc.usage.close(timeout=FINAL_FLUSH_TIMEOUT)
+        await last_used.close(timeout=FINAL_FLUSH_TIMEOUT)
 
-    app.cleanup_ctx.extend([store_ctx, redis_ctx, subscriptions_ctx, forwarder_ctx, usage_ctx])
-    app.router.add_route("*", DECISION_ROUTE, make_decision_handler())
-    app.router.add_route("*", "/{tail:.*}", proxy_handler if svc.forwarder else not_found,
-                         expect_handler=Forwarder.defer_continue)
+    app.cleanup_ctx.extend([store_ctx, redis_ctx, subscriptions_ctx, forwarder_ctx,
+                            last_used_ctx])
+    app.router.add_route("*", DECISION_ROUTE, make_decision_handler(gate))
+    app.router.add_route("*", "/{tail:.*}",
+                         make_proxy_handler(gate, forwarder) if forwarder else not_found,
+                         expect_handler=Forwarder.defer_continue, name=UPSTREAM_ROUTE)
     return app
+
+
+def create_ops_app(main: web.Application) -> web.Application:
+    """The ops Application of `main` (built with it). Run it beside `main`, started after it:
+    its handlers report on objects that `main`'s cleanup contexts open and close."""
+    return main[OPS_APP]

@@ -53,6 +53,17 @@ CLOCK_SKEW = 2.0
 
 
 @dataclass(frozen=True, slots=True)
+class CachePolicy:
+    """How long answers live (SPEC 3.3): positive and negative TTLs in L2, and how long past
+    its TTL a positive answer may still be used while the store cannot be asked. Defaults
+    live in the settings only."""
+
+    ttl: float
+    negative_ttl: float
+    stale_if_error: float
+
+
+@dataclass(frozen=True, slots=True)
 class LockPolicy:
     """Cross-replica single flight (SPEC 3.3): lock expiry, how long to wait, poll pacing."""
 
@@ -70,9 +81,7 @@ class Authenticator:
         local: LocalCache,
         shared: SharedCache | None,
         metrics: Metrics,
-        ttl: float,
-        negative_ttl: float,
-        stale_if_error: float,
+        policy: CachePolicy,
         hashed_storage: bool = False,
         lock: LockPolicy | None = None,
         clock: Callable[[], float] = time.time,
@@ -81,9 +90,7 @@ class Authenticator:
         self.local = local
         self.shared = shared
         self.metrics = metrics
-        self.ttl = ttl
-        self.negative_ttl = negative_ttl
-        self.stale_if_error = stale_if_error
+        self.policy = policy
         self.hashed_storage = hashed_storage
         self.lock = lock or LockPolicy()
         self.clock = clock
@@ -224,11 +231,13 @@ class Authenticator:
             return self._stale_or_unavailable(key, *stale)
 
         now = self.clock()
+        policy = self.policy
         if record is None:
-            entry = CacheEntry(None, now + self.negative_ttl, now + self.negative_ttl, now)
+            until = now + policy.negative_ttl
+            entry = CacheEntry(None, until, until, now)
         else:
-            fresh = now + self.ttl
-            entry = CacheEntry(record, fresh, fresh + self.stale_if_error, now)
+            fresh = now + policy.ttl
+            entry = CacheEntry(record, fresh, fresh + policy.stale_if_error, now)
         if epoch != self._epoch:
             return entry  # rule 4
         self.local.put(key, entry, now)

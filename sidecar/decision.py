@@ -15,9 +15,10 @@ Rules that hold here:
    headers that proxy does not set. Every description present must therefore agree (as paths
    normalised for forwarding, so mere spellings of one path do), or the answer is 400: a
    client can make its own request fail, never make it pass as a different one.
-3. The decision itself is `sidecar.gate.authorize`: the same routing, credentials, cache tiers,
-   last-used queue and metrics as a proxied request. Its errors become 401/429/503 responses in
-   `gate_middleware`, like everywhere else.
+3. The decision itself is `Gate.authorize`: the same routing, credentials, cache tiers,
+   last-used queue and metrics as a proxied request. Its errors (and this module's
+   `BadDecisionRequest`s) become 400/401/429/503 responses in the error middleware, like
+   everywhere else.
 4. 200 has an empty body and carries only headers set here: the identity headers of the token
    (none on a public route), and for Envoy the list of identity-header spellings it must strip
    from the client's request. Identity headers the client sent are never read.
@@ -29,18 +30,16 @@ import itertools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from sidecar.gate import authorize, not_found
+from sidecar.errors import BadDecisionRequest, NotFound, UndescribedRequest
+from sidecar.gate import Gate, Handler
 from sidecar.headers import IDENTITY_HEADERS, identity_headers
 from sidecar.request_info import info_of
-from sidecar.responses import json_error
 from sidecar.routing import INVALID_TARGET_RE, normalize_path
-from sidecar.services import SERVICES
 
 log = logging.getLogger("sidecar.decision")
 
@@ -77,27 +76,6 @@ _REMOVE_ON_PUBLIC = ", ".join(_CANONICAL + _VARIANTS)
 _METHOD_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$")  # an RFC 9110 token
 
 _UNTRUSTED_WARNING_INTERVAL = 60.0
-
-
-class BadDecisionRequest(Exception):
-    """The original request cannot be told unambiguously: answered 400, never allowed."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
-class UndescribedRequest(BadDecisionRequest):
-    """The bare endpoint with no description of the original request a trusted proxy could
-    have sent; `ignored` names such headers that came from a peer we do not trust."""
-
-    def __init__(self, ignored: tuple[str, ...]) -> None:
-        super().__init__(
-            "The original request is not described: send X-Original-URI (nginx) or "
-            "X-Forwarded-Uri (Traefik) from a peer in SIDECAR_TRUSTED_PROXIES, or append the "
-            "path to /_sidecar/auth (Envoy path_prefix)"
-        )
-        self.ignored = ignored
 
 
 class NotDecisionPath(Exception):
@@ -184,7 +162,7 @@ def original_request(request: web.BaseRequest, *, trusted: bool) -> OriginalRequ
     return OriginalRequest(method.upper(), path)
 
 
-def make_decision_handler() -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+def make_decision_handler(gate: Gate) -> Handler:
     """The handler of `DECISION_ROUTE`; one per app (it keeps its own log throttle)."""
     last_warning = -_UNTRUSTED_WARNING_INTERVAL
 
@@ -203,27 +181,20 @@ def make_decision_handler() -> Callable[[web.Request], Awaitable[web.StreamRespo
         )
 
     async def decision_handler(request: web.Request) -> web.StreamResponse:
-        svc = request.app[SERVICES]
-        trusted = svc.is_trusted(request.remote)
         try:
-            original = original_request(request, trusted=trusted)
+            original = original_request(request, trusted=gate.is_trusted(request.remote))
         except NotDecisionPath:
-            return await not_found(request)
+            raise NotFound() from None
         except UndescribedRequest as exc:
             if exc.ignored:
                 warn_untrusted(request, exc.ignored)
-            info_of(request).outcome = "bad_request"
-            return json_error(400, "bad_request", exc.message)
-        except BadDecisionRequest as exc:
-            info_of(request).outcome = "bad_request"
-            return json_error(400, "bad_request", exc.message)
+            raise
         info_of(request).judged_path = original.path
-        identity = await authorize(request, svc, original.method, original.path)
+        identity = await gate.authorize(request, original.method, original.path)
         if identity is None:
             return web.Response(status=200, headers={ENVOY_REMOVE_HEADER: _REMOVE_ON_PUBLIC})
         headers = identity_headers(identity)
         headers[ENVOY_REMOVE_HEADER] = _REMOVE_ON_ALLOW
-        headers.update(info_of(request).rate_headers or {})
         return web.Response(status=200, headers=headers)
 
     return decision_handler

@@ -1,42 +1,54 @@
 """One request's way through the main listener, top to bottom:
 
-    request id -> route (public? scope?) -> credentials -> Authenticator -> record last use
-               -> Forwarder (proxy mode) or identity headers (decision endpoint)
+    request id -> route (public? scope?) -> credentials -> Authenticator -> rate limit
+               -> record last use -> Forwarder (proxy mode) or identity headers (decision)
 
 Rules that hold here:
-1. Every error becomes a response in one place (`gate_middleware`), through the one table in
-   `sidecar.responses`; anything unexpected is a 500 that leaks nothing.
-2. Identity headers a client sent are never copied anywhere: the Forwarder builds the
+1. The `Gate` holds exactly what deciding on a request needs, passed in by `create_app`;
+   handlers get the Gate (and the Forwarder) from their factories, never from a bag on the app.
+2. Errors are raised, and become responses in one place (`sidecar.responses`).
+3. Identity headers a client sent are never copied anywhere: the Forwarder builds the
    upstream headers from scratch and skips them, and decisions only carry our own.
-3. The outcome and scope of each request are stored on the request for metrics and the
-   access log; labels come from fixed sets.
+4. The outcome and scope of each request are stored on the request for metrics and the
+   access log; labels come from fixed sets (`Outcome`, the configured scopes).
+5. Headers every response carries (`X-Request-Id`, an allowed request's `RateLimit-*`) are
+   added in one hook, `on_response_prepare`, which also fires for streamed responses.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from sidecar.credentials import parse_authorization
 from sidecar.errors import (
     AuthUnavailable,
+    BadRequest,
     InvalidToken,
+    NotFound,
     RateLimited,
-    SidecarError,
     Unauthorized,
 )
-from sidecar.models import Identity
-from sidecar.request_info import info_of
-from sidecar.responses import error_response, json_error, outcome_of
-from sidecar.routing import INVALID_TARGET_RE, normalize_path
-from sidecar.services import SERVICES, Services
+from sidecar.outcomes import Outcome
+from sidecar.request_info import REQUEST_INFO, info_of
+from sidecar.routing import INVALID_TARGET_RE, NO_SCOPE, normalize_path
+from sidecar.trust import IPNetwork, peer_trusted
 
-log = logging.getLogger("sidecar.gate")
+if TYPE_CHECKING:
+    from sidecar.auth import Authenticator
+    from sidecar.last_used import LastUsedQueue
+    from sidecar.metrics import Metrics
+    from sidecar.models import Identity
+    from sidecar.proxy import Forwarder
+    from sidecar.ratelimit import RateLimiter
+    from sidecar.routing import Router
 
 # A client's X-Request-Id is passed on only if it is short and plain (it reaches logs).
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:/+=-]{1,128}$"
@@ -50,101 +62,113 @@ def request_id_of(request: web.Request) -> str:
     return given if _REQUEST_ID_RE.match(given) else os.urandom(16).hex()
 
 
-@web.middleware
-async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    svc = request.app[SERVICES]
-    metrics = svc.metrics
-    info = info_of(request)
-    info.request_id = request_id_of(request)
-    metrics.in_flight.inc()
-    try:
+@dataclass(frozen=True, slots=True)
+class Gate:
+    router: Router
+    authenticator: Authenticator
+    limiter: RateLimiter
+    last_used: LastUsedQueue
+    metrics: Metrics
+    max_token_length: int
+    trusted_proxies: tuple[IPNetwork, ...]
+
+    def is_trusted(self, peer: str | None) -> bool:
+        return peer_trusted(peer, self.trusted_proxies)
+
+    def middleware(self) -> Middleware:
+        """Request id, in-flight gauge and the per-request counter (rule 4). Put it outside
+        the error middleware, so errors are counted with the outcome the table gives them."""
+        metrics = self.metrics
+
+        @web.middleware
+        async def gate_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+            info = info_of(request)
+            info.request_id = request_id_of(request)
+            metrics.in_flight.inc()
+            try:
+                return await handler(request)
+            finally:
+                metrics.in_flight.dec()
+                scope = info.scope if info.scope is not None else NO_SCOPE.value
+                metrics.request_counter(info.outcome or Outcome.ERROR, scope).inc()
+
+        return gate_middleware
+
+    async def authorize(self, request: web.Request, method: str, raw_path: str
+                        ) -> Identity | None:
+        """Decide on a request for (method, raw path): the Identity, None for a public route,
+        or raise Unauthorized / RateLimited / AuthUnavailable."""
+        info = info_of(request)
+        scope = self.router.required_scope(method, raw_path)
+        if scope is None:
+            info.outcome = Outcome.PUBLIC
+            return None
+        info.scope = scope.value if scope is NO_SCOPE else scope
+        started = time.perf_counter()
+        # Until proven otherwise: a 500 is never counted as an allowed request.
+        outcome = Outcome.ERROR
         try:
-            response = await handler(request)
-        except SidecarError as exc:
-            info.outcome = info.outcome or outcome_of(exc)
-            response = error_response(exc)
-        except web.HTTPException:
+            token = parse_authorization(
+                request.headers.getall("Authorization", ()), self.max_token_length
+            )
+            if scope is NO_SCOPE:
+                # No scope route covers the path: no token can be right, so ask nobody.
+                raise InvalidToken()
+            identity = await self.authenticator.authenticate(token, scope)
+            if self.limiter.enabled:
+                verdict = await self.limiter.check(identity)
+                if verdict is not None:
+                    info.rate_headers = verdict.headers()
+            outcome = Outcome.ALLOWED
+        except Unauthorized:
+            outcome = Outcome.UNAUTHORIZED
             raise
-        except Exception:
-            log.exception("unhandled error", extra={"fields": {"request_id": info.request_id}})
-            info.outcome = info.outcome or "error"
-            response = json_error(500, "internal_error", "Internal error")
-        if not response.prepared:
-            response.headers["X-Request-Id"] = info.request_id
-            if info.rate_headers and info.outcome == "allowed":
-                response.headers.update(info.rate_headers)
-        return response
-    finally:
-        metrics.in_flight.dec()
-        metrics.request_counter(info.outcome or "error", info.scope or "none").inc()
+        except RateLimited:
+            outcome = Outcome.RATE_LIMITED
+            raise
+        except AuthUnavailable:
+            outcome = Outcome.UNAVAILABLE
+            raise
+        finally:
+            info.outcome = outcome
+            self.metrics.auth_timer(outcome).observe(time.perf_counter() - started)
+        info.token_id = identity.token_id
+        info.tenant_id = identity.tenant_id
+        self.last_used.record(identity.token_id)
+        return identity
 
 
-async def authorize(
-    request: web.Request, svc: Services, method: str, raw_path: str
-) -> Identity | None:
-    """Decide on a request for (method, raw path): the Identity, None for a public route,
-    or raise Unauthorized / RateLimited / AuthUnavailable."""
-    info = info_of(request)
-    scope = svc.router.required_scope(method, raw_path)
-    if scope is None:
-        info.outcome = "public"
-        return None
-    info.scope = scope
-    started = time.perf_counter()
-    outcome = "error"  # until proven otherwise: a 500 is never counted as an allowed request
-    try:
-        token = parse_authorization(
-            request.headers.getall("Authorization", ()), svc.settings.max_token_length
+async def add_response_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """`on_response_prepare` of the main app (rule 5)."""
+    info = request.get(REQUEST_INFO)
+    if info is None or not info.request_id:
+        return
+    response.headers["X-Request-Id"] = info.request_id
+    if info.rate_headers and info.outcome == Outcome.ALLOWED:
+        response.headers.update(info.rate_headers)
+
+
+def make_proxy_handler(gate: Gate, forwarder: Forwarder) -> Handler:
+    async def proxy_handler(request: web.Request) -> web.StreamResponse:
+        raw_path, _, query = request.raw_path.partition("?")
+        if INVALID_TARGET_RE.search(request.raw_path):
+            # e.g. `/v1/datasets#x`: matched as `/v1/datasets#x` but sent upstream as
+            # `/v1/datasets` by any client library that reads `#` as a fragment. Refuse
+            # rather than guess.
+            raise BadRequest("Invalid characters in the request target")
+        identity = await gate.authorize(request, request.method, raw_path)
+        return await forwarder.forward(
+            request,
+            path=normalize_path(raw_path),
+            query=query,
+            identity=identity,
+            trusted_peer=gate.is_trusted(request.remote),
+            request_id=info_of(request).request_id,
         )
-        if not scope:
-            # No scope route covers the path: no token can be right, so ask nobody.
-            raise InvalidToken()
-        identity = await svc.authenticator.authenticate(token, scope)
-        if svc.limiter.enabled:
-            verdict = await svc.limiter.check(identity)
-            if verdict is not None:
-                info.rate_headers = verdict.headers()
-        outcome = "allowed"
-    except Unauthorized:
-        outcome = "unauthorized"
-        raise
-    except RateLimited:
-        outcome = "rate_limited"
-        raise
-    except AuthUnavailable:
-        outcome = "unavailable"
-        raise
-    finally:
-        info.outcome = outcome
-        svc.metrics.auth_timer(outcome).observe(time.perf_counter() - started)
-    info.token_id = identity.token_id
-    info.tenant_id = identity.tenant_id
-    svc.usage.record(identity.token_id)
-    return identity
 
-
-async def proxy_handler(request: web.Request) -> web.StreamResponse:
-    svc = request.app[SERVICES]
-    forwarder = svc.forwarder
-    if forwarder is None:  # decision-only mode
-        return await not_found(request)
-    raw_path, _, query = request.raw_path.partition("?")
-    if INVALID_TARGET_RE.search(request.raw_path):
-        # e.g. `/v1/datasets#x`: matched as `/v1/datasets#x` but sent upstream as `/v1/datasets`
-        # by any client library that reads `#` as a fragment. Refuse rather than guess.
-        info_of(request).outcome = "bad_request"
-        return json_error(400, "bad_request", "Invalid characters in the request target")
-    identity = await authorize(request, svc, request.method, raw_path)
-    return await forwarder.forward(
-        request,
-        path=normalize_path(raw_path),
-        query=query,
-        identity=identity,
-        trusted_peer=svc.is_trusted(request.remote),
-        request_id=info_of(request).request_id,
-    )
+    return proxy_handler
 
 
 async def not_found(request: web.Request) -> web.StreamResponse:
-    info_of(request).outcome = "not_found"
-    return json_error(404, "not_found", "Not found")
+    """Every path but the decision endpoint in decision-only mode."""
+    raise NotFound()

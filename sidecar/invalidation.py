@@ -4,7 +4,7 @@ Rules that hold here:
 1. Sources: Postgres NOTIFY (every replica hears it and clears its L1 and the shared L2
    entries), the admin API (one replica hears it: it clears L2 and publishes on Redis so every
    replica clears its L1), and Redis pub/sub (L1 only: whoever published cleared L2).
-2. Messages name tokens by digest (sidecar.cache rule 1) and tenants by id: never a token.
+2. Messages name tokens by digest (sidecar.credentials rule 2) and tenants by id: never a token.
 3. A malformed message invalidates nothing and is counted; it can never widen what a token
    may do, only fail to narrow it, and NOTIFY payloads come from our own trigger.
 4. L1 is cleared before and again after the L2 delete, so a request reading L2 while the

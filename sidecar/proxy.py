@@ -21,9 +21,12 @@ Rules that hold here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from http import HTTPStatus
 
 import aiohttp
@@ -31,12 +34,12 @@ from aiohttp import HttpVersion11, WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from yarl import URL
 
-from sidecar.errors import UpstreamTimeout, UpstreamUnavailable
+from sidecar.errors import ExpectationFailed, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from sidecar.headers import downstream_response_headers, upstream_request_headers
 from sidecar.metrics import Metrics
 from sidecar.models import Identity
 from sidecar.request_info import info_of
-from sidecar.responses import json_error
+from sidecar.responses import error_response, json_error, outcome_of
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -55,17 +58,58 @@ def _status_class(status: int) -> str:
     return f"{status // 100}xx"
 
 
+@contextlib.contextmanager
+def upstream_errors(metrics: Metrics | None) -> Iterator[None]:
+    """aiohttp's and the OS's errors while talking to the upstream, as the sidecar's own
+    (rule 2), mapped here once. With `metrics`, each is also counted by its kind; without,
+    it is not (a body cut after the response was counted already)."""
+    try:
+        yield
+    except UpstreamError:
+        raise
+    except aiohttp.ConnectionTimeoutError as exc:
+        # Connecting took too long: nobody answered, which is "unavailable", not "slow".
+        _count(metrics, "connect_error")
+        raise UpstreamUnavailable() from exc
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        _count(metrics, "timeout")
+        raise UpstreamTimeout() from exc
+    except (aiohttp.ClientError, OSError) as exc:
+        _count(metrics, "connect_error")
+        raise UpstreamUnavailable() from exc
+
+
+def _count(metrics: Metrics | None, status_class: str) -> None:
+    if metrics is not None:
+        metrics.upstream_responses.labels(status_class=status_class).inc()
+
+
+def _cause(exc: BaseException) -> str:
+    """The class name of the driver error behind one of ours, for a log line: the message
+    could quote the values involved."""
+    return type(exc.__cause__ or exc).__name__
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamLimits:
+    """How long and how many (SPEC 6 and rules 4, 6): the upstream response timeout, TCP
+    connect timeout, wait for a free connection, connections at once, WebSocket message.
+    Defaults live in the settings only."""
+
+    timeout: float
+    connect_timeout: float
+    pool_timeout: float
+    max_connections: int
+    websocket_max_message: int
+
+
 class Forwarder:
     def __init__(
         self,
         upstream_url: str,
         *,
         metrics: Metrics,
-        timeout: float,
-        connect_timeout: float,
-        pool_timeout: float,
-        max_connections: int,
-        websocket_max_message: int,
+        limits: UpstreamLimits,
         hide_credentials: bool,
         host_header: str | None,
     ) -> None:
@@ -73,25 +117,23 @@ class Forwarder:
         self.metrics = metrics
         self.hide_credentials = hide_credentials
         self.host_header = host_header
-        self.pool_timeout = pool_timeout
-        self.websocket_max_message = websocket_max_message
+        self.limits = limits
         # `connect` covers aiohttp's own wait for a pooled connection plus the TCP connect. The
         # slots below already keep requests from queueing inside aiohttp, so this only makes
         # sure that no wait there can ever be unbounded.
         self.timeout = aiohttp.ClientTimeout(
-            total=None, connect=pool_timeout + connect_timeout, sock_connect=connect_timeout,
-            sock_read=timeout,
+            total=None, connect=limits.pool_timeout + limits.connect_timeout,
+            sock_connect=limits.connect_timeout, sock_read=limits.timeout,
         )
-        self._max_connections = max_connections
         # One slot per upstream connection in use, held from before the request is sent until
         # its response (or WebSocket) is finished. Waiting for a slot here rather than in
         # aiohttp's pool tells "pool full" (504, below) apart from "cannot connect" (502).
-        self._slots = asyncio.Semaphore(max_connections)
+        self._slots = asyncio.Semaphore(limits.max_connections)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
-            limit=self._max_connections, limit_per_host=0, keepalive_timeout=30,
+            limit=self.limits.max_connections, limit_per_host=0, keepalive_timeout=30,
             enable_cleanup_closed=True,
         )
         self._session = aiohttp.ClientSession(
@@ -151,7 +193,7 @@ class Forwarder:
         try:
             if _is_websocket(request):
                 return await self._websocket(request, url, headers)
-            return await self._http(request, url, headers, request_id)
+            return await self._http(request, url, headers)
         finally:
             self._slots.release()
 
@@ -161,12 +203,12 @@ class Forwarder:
         as the headers are in, before any middleware, which invites an unauthenticated client
         to upload its body. This one sends nothing: `_http` sends it once the request is
         allowed (rule 5), and a refused request gets its final answer at once."""
-        expect = request.headers.get("Expect", "")
-        if request.version == HttpVersion11 and expect.lower() != "100-continue":
-            # As aiohttp's default does: an expectation nobody here can meet.
-            info_of(request).outcome = "bad_request"
-            return json_error(417, "expectation_failed",
-                              "Only 'Expect: 100-continue' is supported")
+        if request.version == HttpVersion11 and not _expects_continue(request):
+            # As aiohttp's default does: an expectation nobody here can meet. The expect
+            # handler runs before any middleware, hence the table is applied here directly.
+            exc = ExpectationFailed()
+            info_of(request).outcome = outcome_of(exc)
+            return error_response(exc)
         return None
 
     async def _take_slot(self) -> None:
@@ -174,7 +216,7 @@ class Forwarder:
             await self._slots.acquire()  # a slot is free: returns without suspending
             return
         try:
-            async with asyncio.timeout(self.pool_timeout):
+            async with asyncio.timeout(self.limits.pool_timeout):
                 await self._slots.acquire()
         except TimeoutError:
             # Every connection is taken, typically by long SSE streams or WebSockets. 504, not
@@ -183,11 +225,11 @@ class Forwarder:
             # the sidecar's "cannot decide on authentication" (SPEC 7), which nginx setups map.
             self.metrics.upstream_responses.labels(status_class="timeout").inc()
             log.warning("no free upstream connection within %ss (all %d in use)",
-                        self.pool_timeout, self._max_connections)
+                        self.limits.pool_timeout, self.limits.max_connections)
             raise UpstreamTimeout("No upstream connection became free in time") from None
 
     async def _http(
-        self, request: web.Request, url: URL, headers: CIMultiDict[str], request_id: str
+        self, request: web.Request, url: URL, headers: CIMultiDict[str]
     ) -> web.StreamResponse:
         data = request.content if request.body_exists else None
         if data is not None and _expects_continue(request):
@@ -197,21 +239,15 @@ class Forwarder:
             request.writer.output_size = 0
         started = time.perf_counter()
         try:
-            upstream = await self.session.request(
-                request.method, url, headers=headers, data=data,
-                allow_redirects=False, compress=None,
-                chunked=None if "Content-Length" in headers or data is None else True,
-            )
-        except aiohttp.ConnectionTimeoutError:
-            self.metrics.upstream_responses.labels(status_class="connect_error").inc()
-            raise UpstreamUnavailable() from None
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            self.metrics.upstream_responses.labels(status_class="timeout").inc()
-            raise UpstreamTimeout() from None
-        except (aiohttp.ClientError, OSError) as exc:
-            self.metrics.upstream_responses.labels(status_class="connect_error").inc()
-            log.warning("upstream request failed: %s", type(exc).__name__)
-            raise UpstreamUnavailable() from None
+            with upstream_errors(self.metrics):
+                upstream = await self.session.request(
+                    request.method, url, headers=headers, data=data,
+                    allow_redirects=False, compress=None,
+                    chunked=None if "Content-Length" in headers or data is None else True,
+                )
+        except UpstreamUnavailable as exc:
+            log.warning("upstream request failed: %s", _cause(exc))
+            raise
 
         elapsed = time.perf_counter() - started
         info_of(request).upstream_ms = round(elapsed * 1000, 3)
@@ -220,17 +256,15 @@ class Forwarder:
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.extend(downstream_response_headers(upstream.headers))
-            response.headers["X-Request-Id"] = request_id
-            rate_headers = info_of(request).rate_headers
-            if rate_headers:
-                response.headers.update(rate_headers)
+            # X-Request-Id and RateLimit-* are added by the app's on_response_prepare hook.
             await response.prepare(request)
             try:
-                async for chunk in upstream.content.iter_any():
-                    await response.write(chunk)
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                with upstream_errors(None):
+                    async for chunk in upstream.content.iter_any():
+                        await response.write(chunk)
+            except UpstreamError as exc:
                 # Headers are out; cutting the connection is the only honest signal left.
-                log.warning("upstream body interrupted: %s", type(exc).__name__)
+                log.warning("upstream body interrupted: %s", _cause(exc))
                 if request.transport is not None:
                     request.transport.close()
                 return response
@@ -247,24 +281,22 @@ class Forwarder:
         )
         # aiohttp refuses a message of exactly `max_msg_size` bytes (`>=`); one more makes the
         # setting the largest message that passes.
-        max_msg_size = self.websocket_max_message + 1
-        try:
-            upstream_ws = await self.session.ws_connect(
-                url.with_scheme("wss" if url.scheme == "https" else "ws"),
-                headers=fwd, protocols=protocols, autoping=False, autoclose=False,
-                timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
-                max_msg_size=max_msg_size,
-            )
-        except aiohttp.WSServerHandshakeError as exc:
-            self.metrics.upstream_responses.labels(status_class=_status_class(exc.status)).inc()
-            if 400 <= exc.status < 500:
-                # The upstream answered and said no (its own auth, unknown path, rate limit):
-                # that answer is the client's, not a gateway failure.
-                return _handshake_refusal(exc.status, exc.headers)
-            raise UpstreamUnavailable() from None
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            self.metrics.upstream_responses.labels(status_class="connect_error").inc()
-            raise UpstreamUnavailable() from None
+        max_msg_size = self.limits.websocket_max_message + 1
+        with upstream_errors(self.metrics):
+            try:
+                upstream_ws = await self.session.ws_connect(
+                    url.with_scheme("wss" if url.scheme == "https" else "ws"),
+                    headers=fwd, protocols=protocols, autoping=False, autoclose=False,
+                    timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10.0),
+                    max_msg_size=max_msg_size,
+                )
+            except aiohttp.WSServerHandshakeError as exc:
+                _count(self.metrics, _status_class(exc.status))
+                if 400 <= exc.status < 500:
+                    # The upstream answered and said no (its own auth, unknown path, rate
+                    # limit): that answer is the client's, not a gateway failure.
+                    return _handshake_refusal(exc.status, exc.headers)
+                raise UpstreamUnavailable() from None
         self.metrics.upstream_responses.labels(status_class="1xx").inc()
 
         client_ws = web.WebSocketResponse(

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from sidecar.outcomes import Outcome
+
 
 @dataclass(slots=True)
 class RequestInfo:
@@ -14,7 +16,7 @@ class RequestInfo:
     request_id: str = ""
     judged_path: str | None = None  # the decision endpoint: the original request's path
     scope: str | None = None
-    outcome: str | None = None
+    outcome: Outcome | None = None
     token_id: str | None = None
     tenant_id: str | None = None
     upstream_ms: float | None = None

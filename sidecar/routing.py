@@ -14,15 +14,29 @@ Rules that hold here:
 
 from __future__ import annotations
 
+import enum
 import functools
 import re
 from dataclasses import dataclass
+from typing import Final
 from urllib.parse import unquote
 
 # Never in a request target (RFC 9112 3.2): whitespace, controls, and `#`, which some servers
 # and clients take as the start of a fragment and others as part of the path, so no single
 # reading of such a target can be trusted to be the upstream's.
 INVALID_TARGET_RE = re.compile(r"[\x00-\x20\x7f#]")
+
+
+
+class _NoScope(enum.Enum):
+    NO_SCOPE = "none"
+
+
+# The scope of a path that no scope route covers, or whose readings need different scopes:
+# no token has it, so such a request is refused without asking anyone (fail closed).
+NO_SCOPE: Final = _NoScope.NO_SCOPE
+# What `Router.required_scope` answers: None for a public request, else the scope it needs.
+RequiredScope = str | _NoScope | None
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _PCT_RE = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -136,7 +150,8 @@ def parse_public_routes(value: str) -> tuple[PublicRoute, ...]:
 
 
 class Router:
-    """Decides, for a method and a raw path, `None` (public) or the scope a token needs."""
+    """Decides, for a method and a raw path, `None` (public), the scope a token needs, or
+    `NO_SCOPE`."""
 
     def __init__(
         self, scope_routes: tuple[ScopeRoute, ...], public_routes: tuple[PublicRoute, ...]
@@ -162,16 +177,17 @@ class Router:
                 return route.scope
         return None
 
-    def _required_scope(self, method: str, raw_path: str) -> str | None:
+    def _required_scope(self, method: str, raw_path: str) -> RequiredScope:
         """`None` when the request is public; otherwise the scope its token must have.
 
-        A path that no scope route covers gets the empty scope, which no token has: it is
-        refused rather than let through (fail closed). See rule 1 for the two readings.
+        A path that no scope route covers gets `NO_SCOPE`, which no token has: it is refused
+        rather than let through (fail closed). See rule 1 for the two readings.
         """
         method = method.upper()
         readings = {match_path(raw_path), normalize_path(raw_path)}
         protected = {p for p in readings if not self.is_public(method, p)}
         if not protected:
             return None
-        scopes = {self.scope_for(p) or "" for p in protected}
-        return scopes.pop() if len(scopes) == 1 else ""
+        scopes = {self.scope_for(p) for p in protected}
+        scope = scopes.pop() if len(scopes) == 1 else None
+        return NO_SCOPE if scope is None else scope

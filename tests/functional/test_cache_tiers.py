@@ -15,8 +15,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from sidecar.app import SUBSCRIPTIONS
-from sidecar.services import SERVICES
+from sidecar.app import METRICS, SUBSCRIPTIONS
 from tests.conftest import SCHEMA, Db, Sidecar, SidecarFactory
 from tests.servers import PostgresServer, RedisServer
 
@@ -138,7 +137,7 @@ async def test_last_used_writes_do_not_invalidate(
         await asyncio.sleep(0.15)
     assert await db.conn.fetchval("SELECT count(*) FROM api_tokens WHERE last_used_at IS NOT NULL")
     assert await db.lookup_count() == 1
-    assert sc.app[SERVICES].metrics.invalidations.labels(source="notify")._value.get() == 0
+    assert sc.app[METRICS].invalidations.labels(source="notify")._value.get() == 0
 
 
 async def test_insert_clears_negative_entry(
@@ -265,7 +264,7 @@ async def test_postgres_down_stale_if_error_then_recovery(
             "code": "auth_unavailable", "message": "Authentication is temporarily unavailable",
             "status": 503}
     assert await status(http, strict, tokens[0]) == 503  # fails closed
-    metrics = stale.app[SERVICES].metrics
+    metrics = stale.app[METRICS]
     assert metrics.cache_lookups.labels(tier="stale", result="stale")._value.get() >= 1
     async with http.get(stale.ops_url("/readyz")) as r:
         assert r.status == 200  # it can still answer for warm tokens
@@ -289,7 +288,7 @@ async def test_redis_outage_under_load_uses_circuit_breaker(
     # L1 off: every request needs L2, so a Redis outage is felt by every request.
     sc = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_url=own_redis.url,
                             local_cache_size=0)
-    metrics = sc.app[SERVICES].metrics
+    metrics = sc.app[METRICS]
     statuses: list[int] = []
     stop = asyncio.Event()
 
@@ -422,7 +421,7 @@ async def test_revocation_while_redis_hangs_is_not_undone_when_it_returns(
         await within(1.0, refused)
     finally:
         own_redis.resume()
-    metrics = sc.app[SERVICES].metrics
+    metrics = sc.app[METRICS]
 
     async def redis_back() -> bool:
         await status(http, sc, token)
@@ -443,7 +442,7 @@ async def test_postgres_errors_other_than_connection_are_503_not_500(
     async with http.get(sc.url("/a"), headers={"Authorization": "Bearer some-token"}) as r:
         assert r.status == 503
         assert orjson.loads(await r.read())["code"] == "auth_unavailable"
-    metrics = sc.app[SERVICES].metrics
+    metrics = sc.app[METRICS]
     assert metrics.requests.labels(outcome="unavailable", scope="app")._value.get() == 1
     assert metrics.requests.labels(outcome="allowed", scope="app")._value.get() == 0
 

@@ -18,8 +18,8 @@ import pytest
 from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 
+from sidecar.app import METRICS
 from sidecar.errors import MSG_INVALID, MSG_MISSING
-from sidecar.services import SERVICES
 from tests.conftest import Db, Sidecar, SidecarFactory
 from tests.servers import free_port
 from tests.upstream import CALLS
@@ -144,7 +144,7 @@ async def tokens(db: Db) -> dict[str, tuple[str, str]]:
 
 
 def metric(sc: Sidecar, name: str, labels: dict[str, str]) -> float:
-    value = sc.app[SERVICES].metrics.registry.get_sample_value(name, labels)
+    value = sc.app[METRICS].registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
 
 

@@ -9,9 +9,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from sidecar.app import create_app
+from sidecar.app import LAST_USED, METRICS, create_app
 from sidecar.logs import AccessLogger
-from sidecar.services import SERVICES
 from sidecar.settings import load_settings
 from tests.conftest import Db, SidecarFactory
 
@@ -73,9 +72,9 @@ async def test_last_used_goes_to_the_configured_table_or_nowhere(
             async with aiohttp.ClientSession() as http, http.get(
                     sc.url("/a"), headers={"Authorization": "Bearer elsewhere-token"}) as r:
                 assert r.status == 200
-            svc = sc.app[SERVICES]
-            await svc.usage.flush()
-            assert svc.metrics.last_used_flush_errors._value.get() == 0
+            main = sc.app
+            await main[LAST_USED].flush()
+            assert main[METRICS].last_used_flush_errors._value.get() == 0
             stored = await db.conn.fetchval(
                 "SELECT last_used_at FROM keys_elsewhere WHERE id = $1::uuid", row_id)
             assert (stored is not None) is written, table

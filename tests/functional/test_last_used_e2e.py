@@ -33,7 +33,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.services import SERVICES
+from sidecar.app import LAST_USED
 from tests.conftest import SCHEMA, Db, Sidecar
 from tests.servers import PostgresServer, free_port, wait_port
 
@@ -171,7 +171,7 @@ async def test_burst_over_many_tokens_is_one_bounded_flush(
     # triggers the one flush itself (the same `flush()` the timer calls), so a slow or busy
     # machine cannot split the burst over two intervals and make this flaky.
     sc = await start(make_sidecar, upstream, last_used_flush_interval=3600)
-    svc = sc.app[SERVICES]
+    main = sc.app
     sequence = tokens * (BURST_REQUESTS // BURST_TOKENS)
     random.Random(100_000).shuffle(sequence)
     uses = Uses()
@@ -187,13 +187,13 @@ async def test_burst_over_many_tokens_is_one_bounded_flush(
 
         # Nothing was written on the request path; one entry per token waits.
         assert await update_calls(db.conn) == 0
-        assert svc.usage.pending == BURST_TOKENS
+        assert main[LAST_USED].pending == BURST_TOKENS
 
-        rows = await svc.usage.flush()
+        rows = await main[LAST_USED].flush()
 
         assert await update_calls(db.conn) == 1, "one flush must be one UPDATE statement"
         assert rows == BURST_TOKENS  # at most one row per distinct token, not per request
-        assert svc.usage.pending == 0
+        assert main[LAST_USED].pending == 0
         uses.assert_stored(await last_used(db.conn))
         ops = sc.ops_url("/metrics")
         assert await ops_metric(http, ops, "sidecar_last_used_rows_flushed_total") == rows
@@ -212,7 +212,7 @@ async def test_slow_flush_does_not_delay_requests(
     tokens = await add_tokens(db.conn, 20)
     sc = await start(make_sidecar, upstream, last_used_flush_interval=3600,
                      local_cache_ttl=600)
-    svc = sc.app[SERVICES]
+    main = sc.app
     uses = Uses()
     async with aiohttp.ClientSession() as http:
         url = sc.url(PATH)
@@ -229,7 +229,7 @@ async def test_slow_flush_does_not_delay_requests(
         )
         try:
             flush_started = time.perf_counter()
-            flush = asyncio.create_task(svc.usage.flush())
+            flush = asyncio.create_task(main[LAST_USED].flush())
             flush_ended: list[float] = []
             flush.add_done_callback(lambda _: flush_ended.append(time.perf_counter()))
             during: list[tuple[float, float]] = []  # (sent at, latency)
@@ -267,8 +267,8 @@ async def test_slow_flush_does_not_delay_requests(
     # and wait for the next flush.
     stored = await last_used(db.conn)
     assert all(at is not None and at <= used_before_flush for at in stored.values()), stored
-    assert svc.usage.pending == len(tokens)
-    assert await svc.usage.flush() == len(tokens)
+    assert main[LAST_USED].pending == len(tokens)
+    assert await main[LAST_USED].flush() == len(tokens)
     uses.assert_stored(await last_used(db.conn))
 
 
@@ -290,7 +290,7 @@ async def test_postgres_outage_loses_no_last_used(
         await conn.close()
     sc = await start(make_sidecar, upstream, database_url=own_postgres.dsn,
                      last_used_flush_interval=OUTAGE_FLUSH_INTERVAL, database_timeout=2)
-    svc = sc.app[SERVICES]
+    main = sc.app
     uses = Uses()
     async with aiohttp.ClientSession() as http:
         url = sc.url(PATH)
@@ -329,8 +329,8 @@ async def test_postgres_outage_loses_no_last_used(
         assert await ops_metric(http, ops, "sidecar_last_used_flush_errors_total") > (
             errors_before + 1
         )
-        assert svc.usage.consecutive_failures > 0
-        assert svc.usage.pending > 0
+        assert main[LAST_USED].consecutive_failures > 0
+        assert main[LAST_USED].pending > 0
         # Past local_cache_ttl the answers came from the stale-if-error path.
         assert await ops_metric(http, ops, "sidecar_cache_lookups_total",
                                 {"tier": "stale", "result": "stale"}) > 0
@@ -341,13 +341,13 @@ async def test_postgres_outage_loses_no_last_used(
         deadline = time.perf_counter() + 20
         while True:
             try:
-                await svc.usage.flush()
+                await main[LAST_USED].flush()
                 break
             except Exception:
                 if time.perf_counter() > deadline:
                     raise
                 await asyncio.sleep(0.2)
-        assert svc.usage.pending == 0
+        assert main[LAST_USED].pending == 0
         assert await ops_metric(http, ops, "sidecar_last_used_dropped_total") == 0
 
     print(f"\n{uses.total} requests, {uses.total - len(tokens)} of them during the "
@@ -419,7 +419,7 @@ async def test_two_sidecars_never_move_last_used_backwards(
     early_a, early_b = tokens[:20], tokens[20:]  # used first on a / first on b
     a = await start(make_sidecar, upstream, last_used_flush_interval=3600)
     b = await start(make_sidecar, upstream, last_used_flush_interval=3600)
-    qa, qb = a.app[SERVICES].usage, b.app[SERVICES].usage
+    qa, qb = a.app[LAST_USED], b.app[LAST_USED]
     uses = Uses()  # one record for both: the stored time must be the latest on either
 
     async with aiohttp.ClientSession() as http:
@@ -460,7 +460,7 @@ async def test_pending_bound_drops_and_counts_new_ids(
     tokens = await add_tokens(db.conn, 1000)
     sc = await start(make_sidecar, upstream, last_used_flush_interval=3600,
                      last_used_max_pending=100)
-    svc = sc.app[SERVICES]
+    main = sc.app
     uses = Uses()
     async with aiohttp.ClientSession() as http:
         await drive(http, sc.url(PATH), tokens, uses, 20)
@@ -469,14 +469,14 @@ async def test_pending_bound_drops_and_counts_new_ids(
         pending_gauge = await ops_metric(http, ops, "sidecar_last_used_pending")
         assert uses.statuses == {200: 1000}, "a full queue must not fail requests"
         assert dropped == 900
-        assert svc.usage.pending <= 100
-        assert pending_gauge == svc.usage.pending == 100
+        assert main[LAST_USED].pending <= 100
+        assert pending_gauge == main[LAST_USED].pending == 100
         # Again: the 100 pending ids are refreshed (not dropped), the 900 others dropped again.
         await drive(http, sc.url(PATH), tokens, uses, 20)
         assert await ops_metric(http, ops, "sidecar_last_used_dropped_total") == 1800
-        assert svc.usage.pending == 100
+        assert main[LAST_USED].pending == 100
     assert uses.statuses == {200: 2000}
-    assert await svc.usage.flush() == 100
+    assert await main[LAST_USED].flush() == 100
     stored = await last_used(db.conn)
     written = {t: at for t, at in stored.items() if at is not None}
     assert len(written) == 100

@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from sidecar.app import FORWARDER
 from sidecar.errors import MSG_INVALID, MSG_MISSING, MSG_SCHEME
-from sidecar.services import SERVICES
 from tests.conftest import ROOT, Db, Sidecar, SidecarFactory
 from tests.functional.test_decision import (
     AMBIGUOUS_SPELLINGS,
@@ -95,7 +95,7 @@ def start_front() -> Iterator[StartFront]:
 async def front(make_sidecar: SidecarFactory, upstream: TestServer,
                 start_front: StartFront) -> Front:
     sc: Sidecar = await make_sidecar(scope_routes=DIFY_ROUTES, public_routes="GET /public")
-    assert sc.app[SERVICES].forwarder is None  # decision-only mode
+    assert FORWARDER not in sc.app  # decision-only mode
     return start_front(sc.main.port, upstream.port)
 
 

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from sidecar.auth import Authenticator, LockPolicy
+from sidecar.auth import Authenticator, CachePolicy, LockPolicy
 from sidecar.cache import CacheEntry, LocalCache
 from sidecar.errors import AuthUnavailable, InvalidToken, StoreUnavailable
 from sidecar.metrics import Metrics
@@ -67,8 +67,10 @@ def make(store: FakeStore, shared: FakeShared | None = None, clock: Clock | None
          **kw: float) -> Authenticator:
     return Authenticator(
         store, local=LocalCache(100, kw.pop("local_ttl", 10.0)), shared=shared,
-        metrics=Metrics(), ttl=kw.pop("ttl", 600), negative_ttl=60,
-        stale_if_error=kw.pop("stale", 300), clock=clock or Clock(),
+        metrics=Metrics(),
+        policy=CachePolicy(ttl=kw.pop("ttl", 600), negative_ttl=60,
+                           stale_if_error=kw.pop("stale", 300)),
+        clock=clock or Clock(),
         lock=LockPolicy(ttl=10, wait=kw.pop("wait", 5.0), first_poll=0.001, max_poll=0.01),
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.routing import (
+    NO_SCOPE,
     PublicRoute,
     Router,
     ScopeRoute,
@@ -123,7 +124,7 @@ def test_app_spellings_need_an_app_token(dify: Router, raw: str) -> None:
 def test_escaped_slashes_read_two_ways_need_a_scope_no_token_has(
     dify: Router, raw: str
 ) -> None:
-    assert dify.required_scope("GET", raw) == ""
+    assert dify.required_scope("GET", raw) is NO_SCOPE
 
 
 @pytest.mark.parametrize(("method", "raw", "public"), [
@@ -152,7 +153,7 @@ def test_longest_prefix_wins_and_uncovered_paths_fail_closed() -> None:
     assert router.required_scope("GET", "/a/x") == "one"
     assert router.required_scope("GET", "/a/b/c/../x") == "two"
     # No `/` route: what no prefix covers needs the empty scope, which no token has.
-    assert router.required_scope("GET", "/other") == ""
+    assert router.required_scope("GET", "/other") is NO_SCOPE
 
 
 def test_parse_routes() -> None:

@@ -1,0 +1,68 @@
+"""`/readyz` (SPEC 10): what each dependency says right now, asked once per probe.
+
+Rules that hold here:
+1. A component is "ok" only when it really works: each check exercises what the sidecar
+   needs of it, with a short timeout, and any failure reads "down".
+2. The status is "not_ready" (503) only when the sidecar cannot answer anything at all: it
+   has never reached Postgres, so no cache can be warm. Otherwise "degraded" while any
+   component is down, else "ready".
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sidecar.proxy import Forwarder
+    from sidecar.rediscache import RedisCache
+    from sidecar.store import PostgresTokenStore
+
+UPSTREAM_CONNECT_TIMEOUT = 1.0
+
+
+class Readiness:
+    def __init__(
+        self,
+        store: PostgresTokenStore,
+        redis: RedisCache | None,
+        forwarder: Forwarder | None,
+    ) -> None:
+        self._store = store
+        self._redis = redis
+        self._forwarder = forwarder
+
+    async def _redis_state(self) -> str:
+        if self._redis is None:
+            return "disabled"
+        return "ok" if await self._redis.ping() else "down"
+
+    async def _postgres_state(self) -> str:
+        return "ok" if await self._store.ping() else "down"
+
+    async def _upstream_state(self) -> str:
+        if self._forwarder is None:
+            return "disabled"
+        host, port = self._forwarder.address
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
+                                               timeout=UPSTREAM_CONNECT_TIMEOUT)
+        except (TimeoutError, OSError):
+            return "down"
+        writer.close()
+        return "ok"
+
+    async def report(self) -> tuple[int, dict[str, str]]:
+        """(HTTP status, the JSON document) of one probe."""
+        postgres, redis, upstream = await asyncio.gather(
+            self._postgres_state(), self._redis_state(), self._upstream_state()
+        )
+        components = {"postgres": postgres, "redis": redis, "upstream": upstream}
+        pg_ok = postgres == "ok"
+        if pg_ok and redis != "down":
+            status = "ready"
+        elif pg_ok or self._store.ever_connected:
+            status = "degraded"
+        else:
+            status = "not_ready"
+        return (503 if status == "not_ready" else 200), {"status": status, **components}

@@ -6,9 +6,10 @@ dependency without awaiting anything.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
+
+from sidecar.backoff import backoff_delay
 
 
 class CircuitBreaker:
@@ -65,8 +66,7 @@ class CircuitBreaker:
             # Escalating here would turn a one-second blip under load into a long outage.
             return
         self._failures += 1
-        delay = min(self.max_delay, self.base_delay * 2 ** min(self._failures - 1, 16))
-        # Jitter spreads the probes of many replicas that lost Redis at the same moment.
-        self._retry_at = self._clock() + delay * random.uniform(0.8, 1.2)  # noqa: S311
+        self._retry_at = self._clock() + backoff_delay(
+            self._failures, base=self.base_delay, cap=self.max_delay)
         if self._failures == 1 and self._on_change:
             self._on_change(True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import re
 import time
 import uuid
@@ -30,6 +29,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
+from sidecar.backoff import backoff_delay
 from sidecar.models import naive_utc, utc_now_naive
 
 if TYPE_CHECKING:
@@ -55,24 +55,6 @@ class LastUsedWriter(Protocol):
         Raises on failure; the caller keeps the batch and retries it later.
         """
         ...
-
-
-def retry_delay(
-    failures: int,
-    *,
-    interval: float,
-    cap: float,
-    rand: Callable[[], float] = random.random,
-) -> float:
-    """Seconds to wait after `failures` consecutive failed flushes (failures >= 1).
-
-    Doubles from `interval` up to `cap`. The jitter only shortens (by up to a quarter), so the
-    cap is a true upper bound and consecutive delays still grow until the cap is reached
-    (0.75 * 2d > d). Jitter keeps replicas that lost Postgres together from retrying in step.
-    """
-    # The exponent is clamped: 2.0 ** 1024 overflows and a long outage must not crash the loop.
-    base = min(cap, interval * 2.0 ** min(max(failures, 1) - 1, 60))
-    return base * (0.75 + 0.25 * rand())
 
 
 def _describe(exc: BaseException) -> str:
@@ -321,8 +303,8 @@ class LastUsedQueue:
                 await self.flush()
             except Exception as exc:
                 self._failures += 1
-                delay = retry_delay(self._failures, interval=self._interval,
-                                    cap=self._max_backoff)
+                delay = backoff_delay(self._failures, base=self._interval,
+                                      cap=self._max_backoff)
                 _log.warning(
                     "last_used flush failed (%d consecutive, %d ids pending); retrying in "
                     "%.1f s: %s",

@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 from collections.abc import Awaitable, Callable
 
 import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+from sidecar.backoff import Backoff
 
 log = logging.getLogger("sidecar.subscriptions")
 
@@ -29,20 +30,10 @@ OnMessage = Callable[[str], Awaitable[None]]
 OnMessages = Callable[[list[str]], Awaitable[None]]
 
 MAX_BATCH = 1000
+# Reconnect back-off of both subscriptions (sidecar.backoff), seconds.
+RECONNECT_BASE = 0.2
+RECONNECT_CAP = 10.0
 OnReconnect = Callable[[], Awaitable[None]]
-
-
-class Backoff:
-    def __init__(self, base: float = 0.2, cap: float = 10.0) -> None:
-        self.base, self.cap, self.failures = base, cap, 0
-
-    def next_delay(self) -> float:
-        self.failures += 1
-        delay: float = min(self.cap, self.base * 2.0 ** min(self.failures - 1, 16))
-        return delay * random.uniform(0.5, 1.0)  # noqa: S311
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 class _Subscription:
@@ -65,7 +56,7 @@ class _Subscription:
             self._task = None
 
     async def _run(self) -> None:
-        backoff = Backoff()
+        backoff = Backoff(base=RECONNECT_BASE, cap=RECONNECT_CAP)
         while True:
             try:
                 await self._session(backoff)

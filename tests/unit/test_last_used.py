@@ -16,7 +16,7 @@ from typing import Any, cast
 import pytest
 from prometheus_client import CollectorRegistry
 
-from sidecar.last_used import LastUsedQueue, PostgresLastUsedWriter, retry_delay
+from sidecar.last_used import LastUsedQueue, PostgresLastUsedWriter
 from sidecar.metrics import Metrics
 
 T0 = datetime(2024, 5, 1, 12, 0, 0)
@@ -314,18 +314,6 @@ async def test_background_task_flushes_periodically() -> None:
     finally:
         await q.close(timeout=1.0)
     assert writer.written_ids().count("a") == 1
-
-
-def test_retry_delay_grows_is_capped_and_jittered() -> None:
-    lo = [retry_delay(n, interval=1.0, cap=60.0, rand=lambda: 0.0) for n in range(1, 10)]
-    hi = [retry_delay(n, interval=1.0, cap=60.0, rand=lambda: 1.0) for n in range(1, 10)]
-    assert hi[:7] == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0]
-    assert lo[0] == 0.75
-    # Even with the worst jitter, the next delay is longer until the cap is reached.
-    for n in range(5):
-        assert lo[n + 1] > hi[n]
-    assert max(hi) == 60.0
-    assert retry_delay(10_000, interval=1.0, cap=60.0) <= 60.0  # no float overflow
 
 
 async def test_backoff_grows_on_failures_and_resets_on_success(

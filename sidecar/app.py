@@ -35,6 +35,7 @@ from sidecar.routing import Router
 from sidecar.settings import Settings
 from sidecar.store import PostgresTokenStore
 from sidecar.subscriptions import PostgresSubscription, RedisSubscriber
+from sidecar.workers import multiprocess_dir
 
 log = logging.getLogger("sidecar.app")
 
@@ -61,7 +62,7 @@ def create_app(
 ) -> web.Application:
     """The main Application; `lock` and `clock` are for tests (cross-replica lock pacing,
     the wall clock cache deadlines are read from)."""
-    metrics = Metrics(registry)
+    metrics = Metrics(registry, multiprocess_dir=multiprocess_dir())
     store = PostgresTokenStore(
         settings.database_url.get_secret_value(),
         metrics=metrics,

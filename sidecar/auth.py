@@ -228,7 +228,7 @@ class Authenticator:
         try:
             record = await self.store.lookup(token, scope)
         except StoreUnavailable:
-            return self._stale_or_unavailable(key, *stale)
+            return self._stale_or_unavailable(*stale)
 
         now = self.clock()
         policy = self.policy
@@ -245,9 +245,7 @@ class Authenticator:
             await self.shared.set(key, entry, now)
         return entry
 
-    def _stale_or_unavailable(
-        self, key: str, *candidates: CacheEntry | None
-    ) -> CacheEntry:
+    def _stale_or_unavailable(self, *candidates: CacheEntry | None) -> CacheEntry:
         now = self.clock()
         for cand in candidates:
             if cand is not None and cand.stale_usable(now):

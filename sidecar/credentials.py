@@ -45,6 +45,11 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def stored_value(token: str, hashed_storage: bool) -> str:
+    """What the token column holds for `token` (`SIDECAR_TOKEN_HASH`)."""
+    return token_digest(token) if hashed_storage else token
+
+
 def key_digest(token: str, hashed_storage: bool) -> str:
     """The digest cache keys use (rule 2): sha256 of the stored column value."""
-    return token_digest(token_digest(token) if hashed_storage else token)
+    return token_digest(stored_value(token, hashed_storage))

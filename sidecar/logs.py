@@ -1,7 +1,12 @@
 """JSON-lines logging (SPEC 13).
 
-Rule: log calls pass structured fields (`extra={"fields": {...}}`); nothing here ever reads a
-request's Authorization header, so no token can reach a log line through this module.
+Rules that hold here:
+1. Every line is one JSON object. Values that are looked up or filtered on (request facts in
+   the access line, peers, addresses, header names) are structured fields
+   (`extra={"fields": {...}}`); counts, durations and error class names may also be
+   formatted into the message text of operational lines, which are read by people.
+2. Nothing here ever reads a request's Authorization header, and exception messages are not
+   copied (only the class and frames), so no token can reach a log line through this module.
 """
 
 from __future__ import annotations

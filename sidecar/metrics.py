@@ -6,7 +6,6 @@ tier, result, kind, status class). A token, a path or a tenant id is never a lab
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -20,8 +19,12 @@ _UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, multiprocess_dir: str | None = None
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        # Set with `serve --workers N`: /metrics then adds up every worker's files.
+        self.multiprocess_dir = multiprocess_dir
         # labels() takes a lock and builds a tuple each call; the hot path asks for the same
         # few children every request, so they are kept here (label sets are small and fixed).
         self._children: dict[tuple[str, ...], Any] = {}
@@ -114,7 +117,7 @@ class Metrics:
     def exposition(self) -> bytes:
         """The text format: this process's registry, or with `serve --workers N` (Prometheus
         multiprocess mode) the sum over every worker's files."""
-        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        path = self.multiprocess_dir
         if not path:
             return bytes(generate_latest(self.registry))
         registry = CollectorRegistry()

@@ -28,7 +28,7 @@ from typing import Any
 import asyncpg
 
 from sidecar.breaker import CircuitBreaker
-from sidecar.credentials import token_digest
+from sidecar.credentials import stored_value
 from sidecar.errors import StoreUnavailable
 from sidecar.metrics import Metrics
 from sidecar.models import TokenRecord, naive_utc
@@ -138,7 +138,7 @@ class PostgresTokenStore:
 
     async def lookup(self, token: str, scope: str) -> TokenRecord | None:
         """The row for (token, scope), None when there is none. Raises StoreUnavailable."""
-        key = token_digest(token) if self.hash_tokens else token
+        key = stored_value(token, self.hash_tokens)
         if not self.breaker.allow():
             raise StoreUnavailable("circuit open")
         self.metrics.postgres_queries.labels(kind="lookup").inc()
@@ -176,7 +176,7 @@ class PostgresTokenStore:
         self, token: str, scope: str, tenant_id: str | None, app_id: str | None
     ) -> str:
         """Store a new token (plain or hashed per settings); returns its row id."""
-        stored = token_digest(token) if self.hash_tokens else token
+        stored = stored_value(token, self.hash_tokens)
         row_id = await self.pool.fetchval(
             "INSERT INTO api_tokens (app_id, tenant_id, type, token) VALUES ($1, $2, $3, $4)"
             " RETURNING id",
@@ -188,7 +188,7 @@ class PostgresTokenStore:
         return str(row_id)
 
     async def delete_token(self, token: str, scope: str | None) -> int:
-        stored = token_digest(token) if self.hash_tokens else token
+        stored = stored_value(token, self.hash_tokens)
         if scope is None:
             result = await self.pool.execute("DELETE FROM api_tokens WHERE token = $1", stored)
         else:

@@ -27,6 +27,13 @@ log = logging.getLogger("sidecar.workers")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
+def multiprocess_dir() -> str | None:
+    """The multiprocess metrics directory of this process, if it is a worker (rule 2). This
+    variable is prometheus-client's own, which it reads itself; every other setting is read
+    by `sidecar.settings`."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
 def prepare_multiprocess_dir() -> tuple[str, bool]:
     """The directory for multiprocess metrics, emptied; and whether we created it."""
     given = os.environ.get(MULTIPROC_ENV)

@@ -29,7 +29,8 @@ from sidecar.ops import build_ops_app
 from sidecar.proxy import Forwarder, UpstreamLimits
 from sidecar.ratelimit import RateLimiter
 from sidecar.readiness import Readiness
-from sidecar.rediscache import PUBSUB_CHANNEL, RedisCache, connect
+from sidecar.rediscache import PUBSUB_CHANNEL, RedisCache
+from sidecar.redisclient import GuardedRedis, connect
 from sidecar.responses import error_middleware
 from sidecar.routing import Router
 from sidecar.settings import Settings
@@ -71,11 +72,13 @@ def create_app(
         token_hash=settings.token_hash,
         lookup_sql=settings.token_lookup_sql,
     )
+    guarded = None
     redis = None
     if settings.redis_url is not None:
-        redis = RedisCache(
+        guarded = GuardedRedis(
             connect(settings.redis_url.get_secret_value(), settings.redis_timeout), metrics
         )
+        redis = RedisCache(guarded)
     authenticator = Authenticator(
         store,
         local=LocalCache(settings.local_cache_size, settings.local_cache_ttl),
@@ -113,7 +116,7 @@ def create_app(
     limiter = RateLimiter(
         per_token=settings.rate_limit,
         per_tenant=settings.tenant_rate_limit,
-        redis=redis,
+        redis=guarded,
         fail_open=settings.rate_limit_fail_open,
         metrics=metrics,
     )
@@ -152,8 +155,8 @@ def create_app(
 
     async def redis_ctx(_: web.Application) -> AsyncIterator[None]:
         yield
-        if redis is not None:
-            await redis.client.aclose()
+        if guarded is not None:
+            await guarded.aclose()
 
     async def forwarder_ctx(_: web.Application) -> AsyncIterator[None]:
         if forwarder is not None:
@@ -167,8 +170,8 @@ def create_app(
             settings.database_url.get_secret_value(), settings.notify_channel,
             invalidator.on_notify, lambda: invalidator.on_reconnect("notify"),
         )]
-        if redis is not None:
-            subs.append(RedisSubscriber(redis.client, PUBSUB_CHANNEL, invalidator.on_pubsub,
+        if guarded is not None:
+            subs.append(RedisSubscriber(guarded, PUBSUB_CHANNEL, invalidator.on_pubsub,
                                         lambda: invalidator.on_reconnect("pubsub")))
         for sub in subs:
             sub.start()

@@ -23,7 +23,7 @@ from sidecar.errors import AuthUnavailable, RateLimited
 from sidecar.metrics import Metrics
 from sidecar.models import Identity
 from sidecar.rate import Rate
-from sidecar.rediscache import RedisCache
+from sidecar.redisclient import GuardedRedis
 
 RATE_PREFIX = "sidecar:rl:"
 _LOCAL_KEYS = 100_000  # bound on per-process state; idle keys are dropped first
@@ -124,7 +124,7 @@ class RateLimiter:
         *,
         per_token: Rate | None,
         per_tenant: Rate | None,
-        redis: RedisCache | None,
+        redis: GuardedRedis | None,
         fail_open: bool,
         metrics: Metrics,
         local: LocalLimiter | None = None,
@@ -132,6 +132,7 @@ class RateLimiter:
         self.per_token = per_token
         self.per_tenant = per_tenant
         self.redis = redis
+        self._gcra = redis.script("ratelimit", _GCRA) if redis is not None else None
         self.fail_open = fail_open
         self.metrics = metrics
         self.local = local or LocalLimiter()
@@ -159,7 +160,7 @@ class RateLimiter:
         keys, rates = self._limits(identity)
         if not keys:
             return None
-        verdict = await self._shared(keys, rates) if self.redis is not None else None
+        verdict = await self._shared(keys, rates) if self._gcra is not None else None
         if verdict is None:
             if self.redis is not None and not self.fail_open:
                 raise AuthUnavailable("Rate limits cannot be checked right now")
@@ -169,14 +170,11 @@ class RateLimiter:
         return verdict
 
     async def _shared(self, keys: list[str], rates: list[Rate]) -> Verdict | None:
-        assert self.redis is not None
-        args: list[int] = []
+        assert self._gcra is not None
+        args: list[int | str] = []
         for rate in rates:
             args += [round(rate.interval * 1e6), round(rate.tolerance * 1e6)]
-        client = self.redis.client
-        result = await self.redis.call(
-            "ratelimit", lambda: client.eval(_GCRA, len(keys), *keys, *args)
-        )
+        result = await self._gcra(keys, args)
         if not isinstance(result, list) or len(result) != 1 + 2 * len(keys):
             return None
         allowed = int(result[0]) == 1

@@ -17,12 +17,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 import asyncpg
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from sidecar.backoff import Backoff
+
+if TYPE_CHECKING:
+    from sidecar.redisclient import GuardedRedis
 
 log = logging.getLogger("sidecar.subscriptions")
 
@@ -127,15 +130,15 @@ class RedisSubscriber(_Subscription):
     name = "redis-subscribe"
 
     def __init__(
-        self, client: aioredis.Redis, channel: str, on_message: OnMessage,
+        self, redis: GuardedRedis, channel: str, on_message: OnMessage,
         on_reconnect: OnReconnect,
     ) -> None:
         super().__init__(on_reconnect)
         self.on_message = on_message
-        self.client, self.channel = client, channel
+        self.redis, self.channel = redis, channel
 
     async def _session(self, backoff: Backoff) -> None:
-        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        pubsub = self.redis.pubsub()
         try:
             await pubsub.subscribe(self.channel)
             await self._connected(backoff)

@@ -8,8 +8,14 @@ that cannot be had fails the test run instead of skipping.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import secrets
+import sys
+import threading
+import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +35,103 @@ from tests.upstream import make_upstream
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = (ROOT / "config" / "schema.sql").read_text()
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+# The event loop may not stall for this long during a test: a blocking call in an async test
+# or fixture (subprocess.run, time.sleep, a server's stop()) freezes every client and server
+# sharing the loop, so whatever the test measures meanwhile is wrong. Generous, since a loaded
+# 2-core CI machine can deschedule a healthy loop for a while.
+STALL_SECONDS = float(os.environ.get("SIDECAR_TEST_STALL_SECONDS", "1.0"))
+
+
+class LoopWatchdog:
+    """Finds stalls of an event loop: a task on the loop stamps a heartbeat every few
+    milliseconds and a thread checks its age, recording where the loop's thread was when a
+    stall began. asyncio's debug mode (slow_callback_duration) finds the same, but it records
+    a traceback for every callback scheduled and made the suite several times slower."""
+
+    BEAT = 0.02
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, limit: float) -> None:
+        self.loop, self.limit = loop, limit
+        self.stalls: list[str] = []
+        self._beat = time.monotonic()
+        self._loop_thread = threading.get_ident()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="loop-watchdog", daemon=True)
+        self._task: asyncio.Task[None] | None = None
+        # Only the test function's own run is watched (see pytest_runtest_call): fixtures
+        # that are not async run while the loop stands still, which is no stall of it.
+        self.armed = False
+
+    def arm(self, on: bool) -> None:
+        self._beat = time.monotonic()
+        self.armed = on
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self._beat = time.monotonic()
+            await asyncio.sleep(self.BEAT)
+
+    def _watch(self) -> None:
+        reported = 0.0
+        while not self._stop.wait(self.BEAT):
+            beat = self._beat
+            if self.armed and time.monotonic() - beat > self.limit and beat != reported:
+                reported = beat  # one report per stall
+                frame = sys._current_frames().get(self._loop_thread)
+                stack = traceback.extract_stack(frame) if frame else []
+                # Where in our code it happened, then the innermost frames.
+                ours = [f for f in stack if f"{os.sep}tests{os.sep}" in f.filename
+                        and not f.filename.endswith("conftest.py")][-2:]
+                where = "".join(traceback.format_list(ours + stack[-2:])) or "?"
+                self.stalls.append(f"loop stalled over {self.limit}s at:\n{where}")
+
+    def start(self) -> None:
+        self._task = self.loop.create_task(self._heartbeat())
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+        await asyncio.to_thread(self._thread.join)
+
+
+WATCHDOG = pytest.StashKey[LoopWatchdog]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    watchdog = item.stash.get(WATCHDOG, None)
+    if watchdog is not None:
+        watchdog.arm(True)
+    try:
+        return (yield)
+    finally:
+        if watchdog is not None:
+            watchdog.arm(False)
+
+
+@pytest.fixture(autouse=True)
+async def no_blocking_the_loop(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Fails a test during which the event loop stalled for STALL_SECONDS or more. Move
+    blocking work to `asyncio.to_thread`; opt out with `@pytest.mark.blocking_ok`."""
+    # A plain test function runs while the loop stands still; only async tests run on it.
+    is_async = inspect.iscoroutinefunction(getattr(request, "function", None))
+    if not is_async or request.node.get_closest_marker("blocking_ok") is not None:
+        yield
+        return
+    watchdog = LoopWatchdog(asyncio.get_running_loop(), STALL_SECONDS)
+    watchdog.start()
+    request.node.stash[WATCHDOG] = watchdog
+    try:
+        yield
+    finally:
+        await watchdog.stop()
+    if watchdog.stalls:
+        pytest.fail("the event loop was blocked:\n" + "\n".join(watchdog.stalls[:3]),
+                    pytrace=False)
 
 
 def unavailable(reason: str) -> None:

@@ -9,81 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
-import orjson
 import pytest
 from aiohttp.test_utils import TestServer
-from multidict import CIMultiDict
 
 from sidecar.app import METRICS
 from sidecar.errors import MSG_INVALID, MSG_MISSING
 from tests.conftest import Db, Sidecar, SidecarFactory
+from tests.helpers import Headers, RawResponse, raw_request, sample
 from tests.servers import free_port
 from tests.upstream import CALLS
 
 DIFY_ROUTES = "/v1/datasets=dataset,/v1/workspaces/current/models=dataset,/=app"
 TENANT = "11111111-1111-1111-1111-111111111111"
 APP = "22222222-2222-2222-2222-222222222222"
-IDENTITY = ("X-Tenant-Id", "X-App-Id", "X-Api-Token-Id", "X-Api-Token-Scope")
 UNTRUSTED_ONLY = "10.255.255.254/32"  # excludes loopback; a config value, never contacted
-
-Headers = Sequence[tuple[str, str]]
-
-
-@dataclass
-class RawResponse:
-    status: int
-    headers: CIMultiDict[str]
-    body: bytes
-
-    def json(self) -> Any:
-        return orjson.loads(self.body)
-
-    def identity(self) -> dict[str, str]:
-        return {h: self.headers[h] for h in IDENTITY if h in self.headers}
-
-
-def _dechunk(body: bytes) -> bytes:
-    out = bytearray()
-    while body:
-        size_line, _, body = body.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            break
-        out += body[:size]
-        body = body[size + 2:]
-    return bytes(out)
-
-
-async def raw_request(
-    port: int | None, method: str, target: str, headers: Headers = (), *, body: bytes = b"",
-    timeout: float = 10.0,
-) -> RawResponse:
-    """One HTTP/1.1 request with exactly this target and these header lines, on a new
-    connection that the server closes after answering."""
-    assert port is not None, "server not started"
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
-        lines += [f"{name}: {value}" for name, value in headers]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        await writer.drain()
-        data = await asyncio.wait_for(reader.read(), timeout)
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    parsed: CIMultiDict[str] = CIMultiDict()
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        parsed.add(name.strip(), value.strip())
-    if parsed.get("Transfer-Encoding", "").lower() == "chunked":
-        body = _dechunk(body)
-    return RawResponse(int(status_line.split()[1]), parsed, body)
-
 
 def bearer(token: str) -> tuple[str, str]:
     return ("Authorization", f"Bearer {token}")
@@ -144,8 +84,7 @@ async def tokens(db: Db) -> dict[str, tuple[str, str]]:
 
 
 def metric(sc: Sidecar, name: str, labels: dict[str, str]) -> float:
-    value = sc.app[METRICS].registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
+    return sample(sc.app[METRICS], name, labels)
 
 
 # (method, target, token kind or None or "bogus", expected status, expected scope header)

@@ -31,10 +31,10 @@ import aiohttp
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestServer
-from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import LAST_USED
 from tests.conftest import SCHEMA, Db, Sidecar
+from tests.helpers import scrape, scraped
 from tests.servers import PostgresServer, free_port, wait_port
 
 pytestmark = pytest.mark.timeout(180)
@@ -131,14 +131,7 @@ async def drive(
 async def ops_metric(http: aiohttp.ClientSession, ops_url: str, name: str,
                      labels: dict[str, str] | None = None) -> float:
     """One sample of the ops listener's /metrics, as a scraper would read it."""
-    async with http.get(ops_url) as resp:
-        assert resp.status == 200
-        text = await resp.text()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == (labels or {}):
-                return float(sample.value)
-    raise AssertionError(f"{name}{labels or ''} not in /metrics")
+    return scraped(await scrape(http, ops_url), name, labels)
 
 
 def upstream_url(upstream: TestServer) -> str:
@@ -279,6 +272,7 @@ OUTAGE_S = 30.0
 OUTAGE_FLUSH_INTERVAL = 0.5
 
 
+@pytest.mark.slow
 async def test_postgres_outage_loses_no_last_used(
     own_postgres: PostgresServer, make_sidecar: Any, upstream: TestServer
 ) -> None:

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.last_used import LastUsedQueue, PostgresLastUsedWriter
 from sidecar.metrics import Metrics
 from tests.conftest import SCHEMA, Db
+from tests.helpers import sample
 from tests.servers import PostgresServer
 
 T0 = datetime(2024, 5, 1, 12, 0, 0)
@@ -48,8 +49,7 @@ async def update_calls(conn: asyncpg.Connection) -> int:
 
 
 def metric(m: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
-    value = m.registry.get_sample_value(name, labels or {})
-    return 0.0 if value is None else value
+    return sample(m, name, labels)
 
 
 @pytest.fixture

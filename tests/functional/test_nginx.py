@@ -25,12 +25,10 @@ from tests.functional.test_decision import (
     AMBIGUOUS_SPELLINGS,
     DATASET_SPELLINGS,
     DIFY_ROUTES,
-    IDENTITY,
     TENANT,
-    RawResponse,
     bearer,
-    raw_request,
 )
+from tests.helpers import IDENTITY, RawResponse, raw_request
 from tests.servers import NginxServer, ServerUnavailable, free_port
 from tests.upstream import CALLS
 

@@ -10,9 +10,10 @@ from typing import Any
 
 import aiohttp
 import orjson
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Db, SidecarFactory
+from tests.helpers import exchange
+from tests.helpers import families as parse_families
 from tests.servers import PG_PASSWORD, PostgresServer, free_port
 
 TENANT = "12345678-1234-1234-1234-123456789abc"
@@ -35,7 +36,7 @@ async def test_metrics_parse_and_leak_nothing(
             assert r.status == 200
             assert r.headers["Content-Type"].startswith("text/plain")
             text = await r.text()
-    families = {f.name: f for f in text_string_to_metric_families(text)}
+    families = parse_families(text)
     assert all(name.startswith("sidecar_") for name in families)
     outcomes = {(s.labels["outcome"], s.labels["scope"]): s.value
                 for s in families["sidecar_requests"].samples if s.name.endswith("_total")}
@@ -145,27 +146,29 @@ def test_bad_password_in_invalid_dsn_is_not_printed() -> None:
 
 async def test_schema_and_token_commands(own_postgres: PostgresServer) -> None:
     env = {"SIDECAR_DATABASE_URL": own_postgres.dsn}
-    printed = run_cli("schema", env={})
+    printed = await asyncio.to_thread(run_cli, "schema", env={})
     assert printed.returncode == 0
     assert "CREATE TABLE IF NOT EXISTS api_tokens" in printed.stdout
-    custom = run_cli("schema", env={"SIDECAR_NOTIFY_CHANNEL": "tokens_changed"})
+    custom = await asyncio.to_thread(run_cli, "schema",
+                                     env={"SIDECAR_NOTIFY_CHANNEL": "tokens_changed"})
     assert "sidecar_token_notify('tokens_changed')" in custom.stdout
     assert "'sidecar_invalidate'" not in custom.stdout
     for _ in range(2):  # idempotent
-        res = run_cli("schema", "--apply", env=env)
+        res = await asyncio.to_thread(run_cli, "schema", "--apply", env=env)
         assert res.returncode == 0, res.stderr
-    res = run_cli("token", "create", "--scope", "dataset", "--tenant-id", TENANT, env=env)
+    res = await asyncio.to_thread(run_cli, "token", "create", "--scope", "dataset",
+                                  "--tenant-id", TENANT, env=env)
     assert res.returncode == 0, res.stderr
     token = res.stdout.strip()
     assert token.startswith("dataset-")
     row = own_postgres.psql(f"SELECT type, tenant_id FROM api_tokens WHERE token = '{token}'")
     assert row == f"dataset|{TENANT}"
-    res = run_cli("token", "revoke", env=env, stdin=token + "\n")
+    res = await asyncio.to_thread(run_cli, "token", "revoke", env=env, stdin=token + "\n")
     assert res.returncode == 0, res.stderr
     assert own_postgres.psql("SELECT count(*) FROM api_tokens") == "0"
     # hashed storage: the raw token exists nowhere at rest
-    res = run_cli("token", "create", "--scope", "app",
-                  env={**env, "SIDECAR_TOKEN_HASH": "sha256"})
+    res = await asyncio.to_thread(run_cli, "token", "create", "--scope", "app",
+                                  env={**env, "SIDECAR_TOKEN_HASH": "sha256"})
     token = res.stdout.strip()
     stored = own_postgres.psql("SELECT token FROM api_tokens")
     assert stored != token
@@ -175,28 +178,14 @@ async def test_schema_and_token_commands(own_postgres: PostgresServer) -> None:
 ADMIN = "admin-token-0123456789abcdef"
 
 
-async def admin_raw(port: int, head: bytes, parts: list[bytes]) -> tuple[int, bytes]:
+async def admin_raw(port: int | None, head: bytes, parts: list[bytes]) -> tuple[int, bytes]:
     """POST /admin/invalidate with the body written in `parts`, a pause between each, so the
     server sees it arrive in separate TCP segments; returns (status, body)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(
-            b"POST /admin/invalidate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-            b"Authorization: Bearer " + ADMIN.encode() + b"\r\n"
-            b"Content-Type: application/json\r\n" + head + b"\r\n")
-        for part in parts:
-            writer.write(part)
-            await writer.drain()
-            await asyncio.sleep(0.2)
-        status_line = await asyncio.wait_for(reader.readline(), 5)
-        length = 0
-        while (line := await asyncio.wait_for(reader.readline(), 5)) != b"\r\n":
-            name, _, value = line.decode().partition(":")
-            if name.lower() == "content-length":
-                length = int(value)
-        return int(status_line.split()[1]), await asyncio.wait_for(reader.readexactly(length), 5)
-    finally:
-        writer.close()
+    resp = await exchange(port, [
+        b"POST /admin/invalidate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Authorization: Bearer " + ADMIN.encode() + b"\r\n"
+        b"Content-Type: application/json\r\n" + head + b"\r\n", *parts], pause=0.2)
+    return resp.status, resp.body
 
 
 def chunked(*pieces: bytes) -> list[bytes]:

@@ -13,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import Db, SidecarFactory
+from tests.helpers import exchange
 from tests.servers import RedisServer, free_port
 from tests.upstream import CALLS
 
@@ -114,17 +115,6 @@ async def test_rejections_have_dify_body_and_never_reach_upstream(
     assert upstream.app[CALLS] == []
 
 
-async def raw_request(port: int, request: bytes) -> tuple[int, bytes]:
-    """Send bytes no well-behaved client library would send; return (status, body)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(request)
-    await writer.drain()
-    data = await asyncio.wait_for(reader.read(), timeout=5)
-    writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
-
-
 @pytest.mark.parametrize("target", [b"/v1/datasets#x", b"/v1/datasets#/../x", b"/v1/a#b?c=d"])
 async def test_fragment_in_target_is_refused_before_it_can_change_the_scope(
     make_sidecar: SidecarFactory, db: Db, upstream: Any, target: bytes
@@ -133,11 +123,11 @@ async def test_fragment_in_target_is_refused_before_it_can_change_the_scope(
     # forwarding it would send `/v1/datasets` (a dataset route). It must never be forwarded.
     token, _ = await db.add_token("app")
     sc = await make_sidecar(upstream_url=str(upstream.make_url("")), scope_routes=DIFY_ROUTES)
-    status, body = await raw_request(
-        sc.main.port,
+    resp = await exchange(sc.main.port, [
         b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         b"Authorization: Bearer " + token.encode() + b"\r\n\r\n",
-    )
+    ])
+    status, body = resp.status, resp.body
     assert status == 400
     assert orjson.loads(body)["code"] == "bad_request"
     assert upstream.app[CALLS] == []
@@ -159,11 +149,11 @@ async def test_control_characters_in_token_are_refused(
     make_sidecar: SidecarFactory, db: Db, upstream: Any, char: bytes
 ) -> None:
     sc = await make_sidecar(upstream_url=str(upstream.make_url("")))
-    status, body = await raw_request(
-        sc.main.port,
+    resp = await exchange(sc.main.port, [
         b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         b"Authorization: Bearer tok" + char + b"en\r\n\r\n",
-    )
+    ])
+    status, body = resp.status, resp.body
     assert status in (400, 401)  # the HTTP parser itself may refuse it first
     if status == 401:
         assert orjson.loads(body)["message"] == MISSING
@@ -270,7 +260,7 @@ async def test_cache_tiers_spare_postgres_and_never_store_raw_token(
         assert r.status == 200
     assert await db.lookup_count() == 2
 
-    keys = [k.decode() for k in await redis_client.keys("*")]
+    keys = [k.decode() if isinstance(k, bytes) else k for k in await redis_client.keys("*")]
     assert keys, "nothing was cached in Redis"
     digest = hashlib.sha256(token.encode()).hexdigest()
     assert f"sidecar:tok:{digest}:app" in keys
@@ -336,7 +326,7 @@ async def test_redis_stopped_while_running_still_serves_from_postgres(
                             local_cache_ttl=0.2)
     async with http.get(sc.url("/a"), headers={"Authorization": f"Bearer {tokens[0]}"}) as r:
         assert r.status == 200
-    own_redis.stop()
+    await asyncio.to_thread(own_redis.stop)
     await asyncio.sleep(0.3)  # let the L1 entry expire: Redis must be asked (and fail)
     statuses = []
     for _ in range(3):
@@ -425,11 +415,11 @@ async def test_unknown_expectation_is_refused(
 ) -> None:
     token, _ = await db.add_token("app")
     sc = await make_sidecar(upstream_url=str(upstream.make_url("")))
-    status, body = await raw_request(
-        sc.main.port,
+    resp = await exchange(sc.main.port, [
         b"POST /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\nExpect: something-else\r\n"
         b"Content-Length: 0\r\nAuthorization: Bearer " + token.encode() + b"\r\n\r\n",
-    )
+    ])
+    status, body = resp.status, resp.body
     assert status == 417
     assert orjson.loads(body)["code"] == "expectation_failed"
     assert upstream.app[CALLS] == []

@@ -70,7 +70,7 @@ async def test_redis_down_fails_open_per_process_or_closed(
               "rate_limit": "3/m"}
     open_ = await make_sidecar(**common)
     closed = await make_sidecar(**common, rate_limit_fail_open=False)
-    own_redis.stop()
+    await asyncio.to_thread(own_redis.stop)
     # Fail open: limited per process, never an error.
     assert [(await get(http, open_, token)).status for _ in range(4)] == [200, 200, 200, 429]
     # Fail closed: nobody can say, so 503 (not 429, not 200).

@@ -68,8 +68,9 @@ def sidecar_env(db: Db) -> dict[str, str]:
 def serve(sidecar_env: dict[str, str]) -> Iterator[Any]:
     started: list[SidecarProcess] = []
 
-    def run(**env: str) -> SidecarProcess:
-        sp = start_sidecar({**sidecar_env, **env})
+    async def run(**env: str) -> SidecarProcess:
+        # Off the loop: starting waits for the ports, which would stall the test's loop.
+        sp = await asyncio.to_thread(start_sidecar, {**sidecar_env, **env})
         started.append(sp)
         return sp
 
@@ -78,6 +79,17 @@ def serve(sidecar_env: dict[str, str]) -> Iterator[Any]:
         if sp.proc.poll() is None:
             sp.proc.kill()
             sp.proc.wait()
+
+
+def sha256_of_body(total: int) -> str:
+    """What `body(total)` sends, hashed (a GiB: in a thread, not on the loop)."""
+    digest = hashlib.sha256()
+    sent = 0
+    while sent < total:
+        n = min(len(CHUNK), total - sent)
+        digest.update(CHUNK[:n])
+        sent += n
+    return digest.hexdigest()
 
 
 async def body(total: int) -> AsyncIterator[bytes]:
@@ -93,7 +105,7 @@ async def test_gib_upload_and_download_in_bounded_memory(
     serve: Any, db: Db, upstream: Any
 ) -> None:
     token, _ = await db.add_token("app")
-    sp = serve(SIDECAR_UPSTREAM_URL=str(upstream.make_url("")))
+    sp = await serve(SIDECAR_UPSTREAM_URL=str(upstream.make_url("")))
     auth = {"Authorization": f"Bearer {token}"}
     timeout = aiohttp.ClientTimeout(total=240)
     async with aiohttp.ClientSession(timeout=timeout) as http:
@@ -104,11 +116,8 @@ async def test_gib_upload_and_download_in_bounded_memory(
         async with http.post(sp.url("/upload"), headers=auth, data=body(GIB)) as r:
             assert r.status == 200
             doc = orjson.loads(await r.read())
-        expected = hashlib.sha256()
-        async for chunk in body(GIB):
-            expected.update(chunk)
         assert doc["body_size"] == GIB
-        assert doc["body_sha256"] == expected.hexdigest()
+        assert doc["body_sha256"] == await asyncio.to_thread(sha256_of_body, GIB)
         after_upload = sp.rss_kib("VmHWM")
 
         received = 0
@@ -127,7 +136,7 @@ async def test_gib_upload_and_download_in_bounded_memory(
 
 async def test_sse_arrives_event_by_event(serve: Any, db: Db, upstream: Any) -> None:
     token, _ = await db.add_token("app")
-    sp = serve(SIDECAR_UPSTREAM_URL=str(upstream.make_url("")))
+    sp = await serve(SIDECAR_UPSTREAM_URL=str(upstream.make_url("")))
     arrivals: list[tuple[float, bytes]] = []
     async with aiohttp.ClientSession() as http:
         started = time.monotonic()
@@ -146,7 +155,7 @@ async def test_sse_arrives_event_by_event(serve: Any, db: Db, upstream: Any) -> 
 
 async def test_websocket_round_trip(serve: Any, db: Db, upstream: Any) -> None:
     token, _ = await db.add_token("app", tenant_id=TENANT)
-    sp = serve(SIDECAR_UPSTREAM_URL=str(upstream.make_url("")))
+    sp = await serve(SIDECAR_UPSTREAM_URL=str(upstream.make_url("")))
     async with aiohttp.ClientSession() as http:
         async with http.ws_connect(sp.url("/ws"),
                                    headers={"Authorization": f"Bearer {token}"}) as ws:
@@ -166,7 +175,7 @@ async def test_sigterm_finishes_in_flight_and_exits_zero(
     serve: Any, db: Db, upstream: Any
 ) -> None:
     token, row_id = await db.add_token("app")
-    sp = serve(SIDECAR_UPSTREAM_URL=str(upstream.make_url("")),
+    sp = await serve(SIDECAR_UPSTREAM_URL=str(upstream.make_url("")),
                SIDECAR_LAST_USED_FLUSH_INTERVAL="3600")
     async with aiohttp.ClientSession() as http:
         pending = asyncio.ensure_future(

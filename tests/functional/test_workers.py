@@ -12,9 +12,9 @@ import time
 from typing import IO, Any
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Db
+from tests.helpers import families as parse_families
 from tests.servers import free_port, wait_port
 
 
@@ -37,8 +37,8 @@ async def test_workers_share_ports_and_aggregate_metrics(db: Db, upstream: Any) 
         proc = subprocess.Popen([sys.executable, "-m", "sidecar", "serve", "--workers", "2"],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_port(port)
-            wait_port(ops_port)
+            await asyncio.to_thread(wait_port, port)
+            await asyncio.to_thread(wait_port, ops_port)
             # Each worker logs "listening" once both its sockets are bound.
             deadline = time.monotonic() + 20
             while _count(log, '"msg":"listening"') < 2:
@@ -55,7 +55,7 @@ async def test_workers_share_ports_and_aggregate_metrics(db: Db, upstream: Any) 
                         assert r.status == 200
                     async with http.get(f"http://127.0.0.1:{ops_port}/metrics") as r:
                         text = await r.text()
-            families = {f.name: f for f in text_string_to_metric_families(text)}
+            families = parse_families(text)
             allowed = sum(s.value for s in families["sidecar_requests"].samples
                           if s.name == "sidecar_requests_total"
                           and s.labels.get("outcome") == "allowed")

@@ -10,49 +10,10 @@ import pytest
 
 from sidecar.auth import Authenticator, CachePolicy, LockPolicy
 from sidecar.cache import CacheEntry, LocalCache
-from sidecar.errors import AuthUnavailable, InvalidToken, StoreUnavailable
+from sidecar.errors import AuthUnavailable, InvalidToken
 from sidecar.metrics import Metrics
 from sidecar.models import TokenRecord
-
-
-class FakeStore:
-    def __init__(self) -> None:
-        self.rows: dict[tuple[str, str], TokenRecord] = {}
-        self.calls = 0
-        self.down = False
-        self.delay = 0.0
-
-    async def lookup(self, token: str, scope: str) -> TokenRecord | None:
-        self.calls += 1
-        row = self.rows.get((token, scope))  # read first, answer later: a snapshot in flight
-        await asyncio.sleep(self.delay)
-        if self.down:
-            raise StoreUnavailable("down")
-        return row
-
-
-class FakeShared:
-    def __init__(self) -> None:
-        self.data: dict[str, CacheEntry] = {}
-        self.locks: dict[str, str] = {}
-        self.available = True
-
-    async def get(self, key: str) -> CacheEntry | None:
-        return self.data.get(key) if self.available else None
-
-    async def set(self, key: str, entry: CacheEntry, now: float | None = None) -> None:
-        if self.available:
-            self.data[key] = entry
-
-    async def try_lock(self, key: str, ttl: float) -> str | None:
-        if not self.available or key in self.locks:
-            return None
-        self.locks[key] = "me"
-        return "me"
-
-    async def unlock(self, key: str, owner: str) -> None:
-        if self.locks.get(key) == owner:
-            del self.locks[key]
+from tests.fakes import FakeShared, FakeStore
 
 
 class Clock:

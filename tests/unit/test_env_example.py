@@ -66,11 +66,11 @@ def test_uncommented_values_are_the_real_defaults(monkeypatch: pytest.MonkeyPatc
         if name.startswith(ENV_PREFIX):
             monkeypatch.delenv(name)
     # _env_file=None: a developer's own .env must not leak into the comparison.
-    defaults = Settings(_env_file=None, database_url=DSN)  # type: ignore[call-arg]
+    defaults = Settings(_env_file=None, database_url=DSN)
     active = {m["name"]: m["value"] for m in assignments() if m["comment"] is None}
     for name, value in active.items():
         monkeypatch.setenv(name, value)
-    documented = Settings(_env_file=None, database_url=DSN)  # type: ignore[call-arg]
+    documented = Settings(_env_file=None, database_url=DSN)
     for name in active:
         field = name.removeprefix(ENV_PREFIX).lower()
         assert getattr(documented, field) == getattr(defaults, field), (

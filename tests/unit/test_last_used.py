@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.last_used import LastUsedQueue, PostgresLastUsedWriter
 from sidecar.metrics import Metrics
+from tests.helpers import sample
 
 T0 = datetime(2024, 5, 1, 12, 0, 0)
 
@@ -57,8 +58,7 @@ class FakeWriter:
 
 
 def metric(m: Metrics, name: str) -> float:
-    value = m.registry.get_sample_value(name)
-    return 0.0 if value is None else value
+    return sample(m, name)
 
 
 @pytest.fixture
@@ -465,7 +465,7 @@ async def test_writer_dedups_skips_invalid_ids_sorts_and_chunks(metrics: Metrics
                                                                      strict=True)]
     assert sent == [(ids[0], ts(9)), (ids[1], datetime(2024, 5, 1, 12, 0)), (ids[2], ts(1))]
     assert all(args[2] == 60.0 for _, args in pool.calls)
-    assert metrics.registry.get_sample_value(
+    assert sample(metrics,
         "sidecar_postgres_queries_total", {"kind": "last_used"}) == 2
 
 
@@ -473,7 +473,7 @@ async def test_writer_counts_errors_and_raises(metrics: Metrics) -> None:
     writer = PostgresLastUsedWriter(cast(Any, FakePool(fail=True)), min_age=0, metrics=metrics)
     with pytest.raises(OSError, match="connection lost"):
         await writer.write_last_used([(str(uuid.uuid4()), ts(1))])
-    assert metrics.registry.get_sample_value(
+    assert sample(metrics,
         "sidecar_postgres_errors_total", {"kind": "last_used"}) == 1
 
 

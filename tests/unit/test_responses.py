@@ -69,7 +69,7 @@ def test_rows_give_status_code_outcome_and_headers(
     response = error_response(exc)
     assert response.status == status
     assert response.content_type == "application/json"
-    assert response.body is not None
+    assert isinstance(response.body, bytes)
     assert orjson.loads(response.body) == {"code": code, "message": exc.message,
                                            "status": status}
     assert outcome_of(exc) is outcome

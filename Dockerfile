@@ -10,7 +10,7 @@ RUN python -m venv /opt/sidecar
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY sidecar ./sidecar
-RUN /opt/sidecar/bin/pip install --no-cache-dir --disable-pip-version-check .
+RUN /opt/sidecar/bin/pip install --no-cache-dir --disable-pip-version-check ".[uvloop]"
 
 FROM python:3.11-slim
 ENV PATH=/opt/sidecar/bin:$PATH \

@@ -44,13 +44,19 @@ def _settings_or_exit() -> Settings:
 
 async def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
     from sidecar.app import create_app, create_ops_app
-    from sidecar.logs import AccessLogger
+    from sidecar.eventloop import resolve
+    from sidecar.logs import access_logger_class, stdout_access_log
 
     app = create_app(settings)
-    runner = web.AppRunner(
-        app, access_log_class=AccessLogger, shutdown_timeout=settings.shutdown_grace,
-        handle_signals=False,
-    )
+    access_log = stdout_access_log(settings.access_log)
+    if access_log is None:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace,
+                               handle_signals=False)
+    else:
+        runner = web.AppRunner(
+            app, access_log_class=access_logger_class(access_log),
+            shutdown_timeout=settings.shutdown_grace, handle_signals=False,
+        )
     await runner.setup()
     ops_runner = web.AppRunner(create_ops_app(app), access_log=None, handle_signals=False)
     await ops_runner.setup()
@@ -62,7 +68,8 @@ async def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
         log.info("listening", extra={"fields": {
             "listen": str(settings.listen), "ops_listen": str(settings.ops_listen),
             "mode": "proxy" if settings.upstream_url else "decision-only",
-            "version": __version__,
+            "version": __version__, "event_loop": resolve(settings.event_loop),
+            "access_log": settings.access_log,
         }})
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -75,6 +82,8 @@ async def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
         # then the cleanup contexts flush last-used writes and close pools.
         await runner.cleanup()
         await ops_runner.cleanup()
+        if access_log is not None:
+            access_log.close()  # the lines of the last requests, before "stopped"
     log.info("stopped")
 
 
@@ -86,13 +95,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("--workers must be at least 1", file=sys.stderr)
         return 2
+    from sidecar.eventloop import run
+
     if args.workers == 1:
-        asyncio.run(_serve(settings))
+        run(_serve(settings), settings.event_loop)
         return 0
     from sidecar.workers import run_workers
 
     def work() -> int:
-        asyncio.run(_serve(settings, reuse_port=True))
+        run(_serve(settings, reuse_port=True), settings.event_loop)
         return 0
 
     return run_workers(args.workers, work)

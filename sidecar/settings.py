@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sidecar.eventloop import uvloop_installed
 from sidecar.rate import Rate, parse_rate
 from sidecar.routing import PublicRoute, ScopeRoute, parse_public_routes, parse_scope_routes
 from sidecar.trust import IPNetwork
@@ -173,6 +174,12 @@ class Settings(BaseSettings):
 
     # Ops (SPEC 10, 13)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # One JSON line per request (SPEC 13): every request, only refused ones, or none (for
+    # operators who log at the edge already).
+    access_log: Literal["all", "denied", "off"] = "all"
+
+    # Performance
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
     @field_validator(*_TEXT_PARSERS, mode="before")
     @classmethod
@@ -236,6 +243,13 @@ class Settings(BaseSettings):
             return None
         if not isinstance(raw, str) or urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return v
+
+    @field_validator("event_loop")
+    @classmethod
+    def _loop(cls, v: str) -> str:
+        if v == "uvloop" and not uvloop_installed():
+            raise ValueError("uvloop is not installed (pip install apikey-sidecar[uvloop])")
         return v
 
     @model_validator(mode="after")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import logging
+import io
 from typing import Any
 
 import aiohttp
-import pytest
+import orjson
 from aiohttp.test_utils import TestServer
 
 from sidecar.app import LAST_USED, METRICS, create_app
-from sidecar.logs import AccessLogger
+from sidecar.logs import AccessLog, access_logger_class
 from sidecar.settings import load_settings
 from tests.conftest import Db, SidecarFactory
 
@@ -28,28 +28,28 @@ async def test_path_no_scope_route_covers_is_refused_without_a_lookup(
     assert await db.lookup_count() == 1  # only the /v1 request asked Postgres
 
 
-async def test_decision_access_log_names_the_judged_path(
-    db: Db, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_decision_access_log_names_the_judged_path(db: Db) -> None:
     token, _ = await db.add_token("app")
     app = create_app(load_settings(database_url=db.dsn))
+    out = io.BytesIO()
+    access_log = AccessLog(out)
     server = TestServer(app, host="127.0.0.1")
-    await server.start_server(access_log_class=AccessLogger)
+    await server.start_server(access_log_class=access_logger_class(access_log))
     try:
-        with caplog.at_level(logging.INFO, logger="aiohttp.access"):
-            async with aiohttp.ClientSession() as http, http.get(
-                    server.make_url("/_sidecar/auth"),
-                    headers={"Authorization": f"Bearer {token}",
-                             "X-Original-URI": "/v1/chat?x=1"}) as r:
-                assert r.status == 200
+        async with aiohttp.ClientSession() as http, http.get(
+                server.make_url("/_sidecar/auth"),
+                headers={"Authorization": f"Bearer {token}",
+                         "X-Original-URI": "/v1/chat?x=1"}) as r:
+            assert r.status == 200
     finally:
         await server.close()
-    fields = [getattr(rec, "fields", {}) for rec in caplog.records if rec.msg == "access"]
-    assert fields
+        access_log.close()
+    fields = [orjson.loads(line) for line in out.getvalue().splitlines()]
+    assert [f["msg"] for f in fields] == ["access"]
     assert fields[0]["path"] == "/_sidecar/auth"
     assert fields[0]["judged_path"] == "/v1/chat"
     assert fields[0]["outcome"] == "allowed"
-    assert token not in caplog.text
+    assert token.encode() not in out.getvalue()
 
 
 async def test_last_used_goes_to_the_configured_table_or_nowhere(

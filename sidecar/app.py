@@ -63,7 +63,7 @@ def create_app(
 ) -> web.Application:
     """The main Application; `lock` and `clock` are for tests (cross-replica lock pacing,
     the wall clock cache deadlines are read from)."""
-    metrics = Metrics(registry, multiprocess_dir=multiprocess_dir())
+    metrics = Metrics(registry, multiprocess_dir=multiprocess_dir(), scopes=settings.scopes)
     store = PostgresTokenStore(
         settings.database_url.get_secret_value(),
         metrics=metrics,

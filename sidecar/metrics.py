@@ -1,7 +1,11 @@
 """Every Prometheus metric of the sidecar, on a registry passed in (no module globals).
 
-Rule: label values come from small fixed sets (outcome, scope from the configured routes,
-tier, result, kind, status class). A token, a path or a tenant id is never a label value.
+Rules that hold here:
+1. Label values come from small fixed sets (outcome, scope from the configured routes, tier,
+   result, kind, status class). A token, a path or a tenant id is never a label value.
+2. Every labelled series whose label values are known is created at start, at 0 (SPEC 10), so
+   the first error shows in `rate()` and `increase()`; the sets are the ones below and the
+   `Outcome` enum, and code that counts a new value adds it here.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as _multiprocess
 
+from sidecar.outcomes import Outcome
+
 # Auth decisions on the hot path are tens of microseconds; a store round trip is milliseconds.
 _AUTH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                  0.5, 1.0, 2.5, 5.0)
@@ -18,9 +24,23 @@ _UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
                      60.0, 120.0, 300.0)
 
 
+# The known label values (rule 2). "none": the scope label of requests that need no scope
+# (public routes, the decision endpoint's bad requests) or one no token has.
+NO_SCOPE_LABEL = "none"
+CACHE_RESULTS = (("l1", "hit"), ("l1", "miss"), ("l1", "negative"), ("l2", "hit"),
+                 ("l2", "miss"), ("l2", "negative"), ("stale", "stale"))
+POSTGRES_KINDS = ("lookup", "last_used")
+REDIS_OPS = ("get", "set", "delete", "delete_tenant", "delete_all", "lock", "unlock",
+             "publish", "ratelimit")
+UPSTREAM_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "connect_error", "timeout")
+INVALIDATION_SOURCES = ("notify", "pubsub", "admin", "notify_malformed", "pubsub_malformed",
+                        "notify_reconnect", "pubsub_reconnect")
+
+
 class Metrics:
     def __init__(
-        self, registry: CollectorRegistry | None = None, *, multiprocess_dir: str | None = None
+        self, registry: CollectorRegistry | None = None, *, multiprocess_dir: str | None = None,
+        scopes: frozenset[str] = frozenset(),
     ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         # Set with `serve --workers N`: /metrics then adds up every worker's files.
@@ -99,6 +119,28 @@ class Metrics:
             "sidecar_last_used_dropped",
             "Token ids not recorded because the pending set was full.", registry=r,
         )
+
+        self._create_known_series(scopes)
+
+    def _create_known_series(self, scopes: frozenset[str]) -> None:
+        """Rule 2. Through the same memo the hot path uses, so its children are ready too."""
+        for outcome in Outcome:
+            self.auth_timer(outcome)
+            for scope in (*sorted(scopes), NO_SCOPE_LABEL):
+                self.request_counter(outcome, scope)
+        for scope in sorted(scopes):
+            self.singleflight_waits.labels(scope=scope)
+        for tier, result in CACHE_RESULTS:
+            self.cache_lookups.labels(tier=tier, result=result)
+        for kind in POSTGRES_KINDS:
+            self.postgres_queries.labels(kind=kind)
+            self.postgres_errors.labels(kind=kind)
+        for op in REDIS_OPS:
+            self.redis_errors.labels(op=op)
+        for status_class in UPSTREAM_CLASSES:
+            self.upstream_responses.labels(status_class=status_class)
+        for source in INVALIDATION_SOURCES:
+            self.invalidations.labels(source=source)
 
     def request_counter(self, outcome: str, scope: str) -> Any:
         key = ("requests", outcome, scope)

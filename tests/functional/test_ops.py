@@ -11,12 +11,17 @@ from typing import Any
 import aiohttp
 import orjson
 
+from sidecar.outcomes import Outcome
 from tests.conftest import Db, SidecarFactory
-from tests.helpers import exchange
+from tests.helpers import exchange, scrape, scraped
 from tests.helpers import families as parse_families
 from tests.servers import PG_PASSWORD, PostgresServer, free_port
 
 TENANT = "12345678-1234-1234-1234-123456789abc"
+
+
+# An unknown token sent in the test below; like a real one, it must appear nowhere.
+BOGUS = "bogus-token-q7w3e9"
 
 
 async def test_metrics_parse_and_leak_nothing(
@@ -26,7 +31,7 @@ async def test_metrics_parse_and_leak_nothing(
     sc = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_url=redis_url,
                             public_routes="/public")
     async with aiohttp.ClientSession() as http:
-        for headers in ({"Authorization": f"Bearer {token}"}, {"Authorization": "Bearer bad"},
+        for headers in ({"Authorization": f"Bearer {token}"}, {"Authorization": f"Bearer {BOGUS}"},
                         {}):
             async with http.get(sc.url(f"/v1/chat/{TENANT}"), headers=headers) as r:
                 await r.read()
@@ -51,7 +56,7 @@ async def test_metrics_parse_and_leak_nothing(
                for s in families["sidecar_cache_lookups"].samples if s.name.endswith("_total")}
     assert lookups[("l1", "miss")] >= 2
     assert lookups[("l2", "miss")] >= 2
-    for secret in (token, TENANT, row_id, "bad"):
+    for secret in (token, TENANT, row_id, BOGUS):
         assert secret not in text
 
 
@@ -217,3 +222,21 @@ async def test_admin_body_arriving_in_pieces_is_read_whole(
                                                                                 16384))))
     assert status == 413
     assert orjson.loads(answer)["code"] == "payload_too_large"
+
+
+async def test_known_series_exist_at_zero_from_the_start(
+    make_sidecar: SidecarFactory, http: aiohttp.ClientSession,
+) -> None:
+    # SPEC 10: a series with a known label value exists before its first event, so the first
+    # 503 or Postgres error shows in rate(); nothing has been asked of this sidecar yet.
+    sc = await make_sidecar(scope_routes="/v1/datasets=dataset,/=app")
+    found = await scrape(http, sc.ops_url("/metrics"))
+    for outcome in Outcome:
+        for scope in ("app", "dataset", "none"):
+            assert scraped(found, "sidecar_requests_total",
+                           {"outcome": outcome.value, "scope": scope}) == 0
+    for kind in ("lookup", "last_used"):
+        assert scraped(found, "sidecar_postgres_errors_total", {"kind": kind}) == 0
+    assert scraped(found, "sidecar_redis_errors_total", {"op": "ratelimit"}) == 0
+    assert scraped(found, "sidecar_upstream_responses_total", {"status_class": "5xx"}) == 0
+    assert scraped(found, "sidecar_invalidations_total", {"source": "notify"}) == 0

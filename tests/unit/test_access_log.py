@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import io
 import os
 from typing import Any
@@ -109,7 +110,7 @@ def test_event_loop_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     if eventloop.uvloop_installed():
         assert eventloop.run(loop_class(), "uvloop").startswith("uvloop")
         assert eventloop.run(loop_class(), "auto").startswith("uvloop")
-    monkeypatch.setattr(eventloop.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert eventloop.resolve("auto") == "asyncio"
     with pytest.raises(RuntimeError):
         eventloop.resolve("uvloop")

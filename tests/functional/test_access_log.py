@@ -37,7 +37,7 @@ async def _serve_and_stop(db: Db, upstream: Any, token: str, requests: int,
         proc = subprocess.Popen([sys.executable, "-m", "sidecar", "serve"], env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_port(port)
+            await asyncio.to_thread(wait_port, port)
             async with aiohttp.ClientSession() as http:
                 for i in range(requests):
                     async with http.get(f"http://127.0.0.1:{port}/a?n={i}",

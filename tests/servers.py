@@ -1,7 +1,14 @@
-"""Real Postgres, Redis and nginx servers for the tests, on loopback ports in temp dirs.
+"""Throwaway Postgres, Redis and nginx servers on loopback: the one implementation that the
+tests, the benchmarks and `deploy/local/demo.sh` (`python -m tests.servers demo-up`) share.
 
 Each server can be stopped and started again on the same port, so tests can simulate outages.
 Postgres refuses to run as root: when we are root, its commands run as the `postgres` user.
+
+Adding a kind of server: a class that takes its port (default: `free_port()`, never a fixed
+port: those collide with the ephemeral range) and a directory (default: a new temp dir),
+with `start()`/`stop()` that block until it answers or is gone, and `destroy()`; binaries
+looked up here, raising `ServerUnavailable` when missing (CI turns that into a failure);
+then a session-scoped fixture in tests/conftest.py that starts it once per test run.
 """
 
 from __future__ import annotations
@@ -52,44 +59,80 @@ def _pg_bin(name: str) -> str:
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    """With `password`, every role needs it (scram, for the demo on a shared machine) and the
+    `sidecar` role is an ordinary owner; without, local connections are trusted and `sidecar`
+    is a superuser (tests read pg_stat_statements and terminate backends)."""
+
+    def __init__(self, *, port: int | None = None, directory: Path | None = None,
+                 password: str | None = None) -> None:
         self.initdb = _pg_bin("initdb")
         self.pg_ctl = _pg_bin("pg_ctl")
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="sidecar-pg-"))
-        self.data = self.dir / "data"
-        self.log = self.dir / "postgres.log"
+        self.port = port or free_port()
+        self.password = password
         self._as_user: list[str] = []
+        if directory is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="sidecar-pg-"))
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.dir = directory
         if os.geteuid() == 0:
             self._as_user = ["runuser", "-u", "postgres", "--"]
             shutil.chown(self.dir, "postgres", "postgres")
+            self.dir.chmod(0o700)
+            if subprocess.run([*self._as_user, "test", "-w", str(self.dir)]).returncode:
+                # Below a directory the postgres user cannot enter (a checkout in /root):
+                # rather than opening up the user's directories, a private temp dir.
+                self.dir.rmdir()
+                self.dir = Path(tempfile.mkdtemp(prefix="sidecar-pg-"))
+                shutil.chown(self.dir, "postgres", "postgres")
+        self.data = self.dir / "data"
+        self.log = self.dir / "postgres.log"
         self.running = False
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://sidecar:{PG_PASSWORD}@127.0.0.1:{self.port}/sidecar"
+        return f"postgresql://sidecar:{self.password or PG_PASSWORD}@127.0.0.1:{self.port}/sidecar"
 
     @property
     def admin_dsn(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/sidecar"
 
     def _run(self, *cmd: str) -> None:
-        subprocess.run([*self._as_user, *cmd], check=True, capture_output=True, timeout=120)
+        # cwd: postgres tools fail when they cannot read the current directory.
+        subprocess.run([*self._as_user, *cmd], check=True, capture_output=True, timeout=120,
+                       cwd=self.dir)
 
     def setup(self) -> PostgresServer:
-        self._run(self.initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                  "--encoding=UTF8", "--no-sync")
-        conf = self.data / "postgresql.conf"
-        with open(conf, "a") as f:
+        auth = ["--auth=trust"]
+        pwfile = self.dir / "pwfile"
+        if self.password is not None:
+            pwfile.write_text(self.password + "\n")
+            pwfile.chmod(0o600)
+            if self._as_user:
+                shutil.chown(pwfile, "postgres", "postgres")
+            auth = ["--auth=scram-sha-256", f"--pwfile={pwfile}"]
+        try:
+            self._run(self.initdb, "-D", str(self.data), "-U", "postgres", *auth,
+                      "--encoding=UTF8", "--no-sync")
+        finally:
+            pwfile.unlink(missing_ok=True)
+        # No unix socket for a given directory: a long checkout path would exceed the socket
+        # path limit. Every client here uses TCP on loopback anyway.
+        sockets = self.dir if self.password is None else ""
+        with open(self.data / "postgresql.conf", "a") as f:
             f.write(
                 f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\n"
-                f"unix_socket_directories = '{self.dir}'\n"
+                f"unix_socket_directories = '{sockets}'\n"
                 "shared_preload_libraries = 'pg_stat_statements'\n"
                 "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
                 "max_connections = 200\n"
             )
         self.start()
-        self.psql(f"CREATE ROLE sidecar LOGIN SUPERUSER PASSWORD '{PG_PASSWORD}'", db="postgres")
+        if self.password is None:
+            self.psql(f"CREATE ROLE sidecar LOGIN SUPERUSER PASSWORD '{PG_PASSWORD}'",
+                      db="postgres")
+        else:
+            self.psql(f"CREATE ROLE sidecar LOGIN PASSWORD '{self.password}'", db="postgres")
         self.psql("CREATE DATABASE sidecar OWNER sidecar", db="postgres")
         self.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         return self
@@ -131,10 +174,13 @@ class PostgresServer:
             os.kill(pid, signal.SIGCONT)
 
     def psql(self, sql: str, db: str = "sidecar") -> str:
+        # SQL on stdin, not in argv: with a password, the statements may carry it, and
+        # process listings must not show it. The password goes in the environment.
+        env = {**os.environ, **({"PGPASSWORD": self.password} if self.password else {})}
         out = subprocess.run(
             ["psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", db,
-             "-v", "ON_ERROR_STOP=1", "-Atqc", sql],
-            check=True, capture_output=True, text=True, timeout=60,
+             "-v", "ON_ERROR_STOP=1", "-Atq"],
+            input=sql, check=True, capture_output=True, text=True, timeout=60, env=env,
         )
         return out.stdout.strip()
 
@@ -163,29 +209,44 @@ def benchmark_postgres() -> Iterator[str]:
 
 
 class RedisServer:
-    def __init__(self) -> None:
+    """With `password`, clients must AUTH (`requirepass`, in the config file, not in argv);
+    `detach` keeps it running after this process exits (the demo stops it by pid)."""
+
+    def __init__(self, *, port: int | None = None, directory: Path | None = None,
+                 password: str | None = None, detach: bool = False) -> None:
         binary = shutil.which("redis-server")
         if not binary:
             raise ServerUnavailable("redis-server not found (install redis-server)")
         self.binary = binary
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="sidecar-redis-"))
+        self.port = port or free_port()
+        if directory is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="sidecar-redis-"))
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.dir = directory
+        self.password = password
+        self.detach = detach
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def setup(self) -> RedisServer:
         self.start()
         return self
 
     def start(self) -> None:
+        conf = self.dir / "redis.conf"
+        lines = [f"port {self.port}", "bind 127.0.0.1", 'save ""', "appendonly no",
+                 f"dir {self.dir}", f"logfile {self.dir / 'redis.log'}"]
+        lines.append(f"requirepass {self.password}" if self.password else "protected-mode no")
+        conf.write_text("\n".join(lines) + "\n")
+        conf.chmod(0o600)
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no",
-             "--logfile", str(self.dir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [self.binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=self.detach,
         )
         wait_port(self.port)
 
@@ -260,3 +321,28 @@ class NginxServer:
                 self.proc.kill()
             self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _demo_up(state: Path, pg_port: int, redis_port: int) -> None:
+    """`python -m tests.servers demo-up STATE PG_PORT REDIS_PORT`, for deploy/local/demo.sh:
+    Postgres and Redis with the password in $DEMO_SECRET, left running; their locations in
+    STATE/pghome and STATE/redis.pid, which the demo's clean-up reads."""
+    secret = os.environ["DEMO_SECRET"]
+    pg = PostgresServer(port=pg_port, directory=state / "postgres", password=secret)
+    (state / "pghome").write_text(f"{pg.dir}\n")
+    try:
+        pg.setup()
+    except subprocess.CalledProcessError as exc:
+        log = pg.log.read_text(errors="replace") if pg.log.exists() else ""
+        sys.exit(f"PostgreSQL did not start: {exc.stderr!r}\n{log[-2000:]}")
+    redis = RedisServer(port=redis_port, directory=state / "redis", password=secret,
+                        detach=True)
+    redis.start()
+    assert redis.proc is not None
+    (state / "redis.pid").write_text(f"{redis.proc.pid}\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 5 or sys.argv[1] != "demo-up":
+        sys.exit("usage: python -m tests.servers demo-up STATE PG_PORT REDIS_PORT")
+    _demo_up(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

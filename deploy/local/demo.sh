@@ -77,7 +77,7 @@ stop_all() {
         || as_pg_owner "$(pg_bindir)/pg_ctl" -D "$PGHOME/data" -m immediate -w stop >/dev/null 2>&1 \
         || say "could not stop PostgreSQL in $PGHOME/data"
     fi
-    # Outside .local/ only when the postgres user could not reach .local/ (see start_postgres).
+    # Outside .local/ only when the postgres user could not reach .local/ (tests/servers.py).
     case "$PGHOME" in "$STATE"/*) ;; *) rm -rf "$PGHOME" ;; esac
   fi
   rm -rf "$STATE"
@@ -162,67 +162,12 @@ PY
 # ---------------------------------------------------------------------------------------------
 # Starting.
 
-start_postgres() {
-  PGHOME="$STATE/postgres"
-  mkdir -p "$PGHOME"
-  if [ "$(id -u)" -eq 0 ]; then
-    id postgres >/dev/null 2>&1 || { say "no 'postgres' user to run PostgreSQL as"; return 1; }
-    chown postgres: "$PGHOME"
-    chmod 700 "$PGHOME"
-    if ! runuser -u postgres -- test -w "$PGHOME"; then
-      # The checkout lies below a directory the postgres user cannot enter (e.g. /root).
-      # Rather than opening up the user's directories, the data goes to a private temp dir.
-      rmdir "$PGHOME"
-      PGHOME="$(mktemp -d "${TMPDIR:-/tmp}/sidecar-demo-pg.XXXXXX")"
-      chown postgres: "$PGHOME"
-      say "the postgres user cannot reach $STATE; using $PGHOME for its data"
-    fi
-  fi
-  echo "$PGHOME" >"$STATE/pghome"
-
-  # A password even on loopback: on a shared machine other local users could connect too.
-  ( umask 077 && printf '%s\n' "$SECRET" >"$PGHOME/pwfile" )
-  [ "$(id -u)" -ne 0 ] || chown postgres: "$PGHOME/pwfile"
-  as_pg_owner "$PGBIN/initdb" -D "$PGHOME/data" -U postgres --auth=scram-sha-256 \
-    --pwfile="$PGHOME/pwfile" --encoding=UTF8 --no-sync >"$STATE/initdb.log" 2>&1 \
-    || { cat "$STATE/initdb.log" >&2; return 1; }
-  rm -f "$PGHOME/pwfile"
-  # TCP on loopback only and no unix socket: the default socket directory may not exist or be
-  # writable, and a long checkout path would exceed the socket path limit.
-  cat >>"$PGHOME/data/postgresql.conf" <<EOF
-
-# deploy/local/demo.sh: throwaway server
-listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = ''
-fsync = off
-EOF
-  as_pg_owner "$PGBIN/pg_ctl" -D "$PGHOME/data" -l "$PGHOME/postgres.log" -w -t 60 start \
-    >/dev/null || { cat "$PGHOME/postgres.log" >&2; return 1; }
-  # SQL on stdin, not in argv: the password must not show up in process listings.
-  PGPASSWORD="$SECRET" psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -d postgres -qAt \
-    -v ON_ERROR_STOP=1 >/dev/null <<EOF
-CREATE ROLE sidecar LOGIN PASSWORD '$SECRET';
-CREATE DATABASE sidecar OWNER sidecar;
-EOF
-}
-
-start_redis() {
-  mkdir -p "$STATE/redis"
-  # The password is in a file, not on the command line, for the same reason as above.
-  ( umask 077 && cat >"$STATE/redis/redis.conf" <<EOF
-bind 127.0.0.1
-port $REDIS_PORT
-requirepass $SECRET
-save ""
-appendonly no
-dir $STATE/redis
-logfile $STATE/redis/redis.log
-EOF
-  )
-  redis-server "$STATE/redis/redis.conf" >/dev/null 2>&1 &
-  echo "$!" >"$STATE/redis.pid"
-  wait_port "$REDIS_PORT" redis-server "$!"
+# PostgreSQL and Redis, with $SECRET as their password (in the environment, never in argv),
+# are started by the same helper the tests and benchmarks use; it records where they are in
+# $STATE/pghome and $STATE/redis.pid, which stop_all reads.
+start_servers() {
+  (cd "$ROOT" && DEMO_SECRET="$SECRET" "$PY" -m tests.servers demo-up "$STATE" "$PG_PORT" \
+    "$REDIS_PORT")
 }
 
 # sidecar ARGS...: run the CLI from $STATE, so that a .env file the user keeps in the checkout
@@ -248,7 +193,6 @@ if ! command -v curl >/dev/null 2>&1; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null
 fi
-PGBIN="$(pg_bindir)"
 
 if [ -d "$STATE" ]; then
   say "cleaning up after an earlier demo"
@@ -269,10 +213,8 @@ REDIS_PORT="$(choose_port DEMO_REDIS_PORT 56379)"
 # Hex only: it goes into URLs, SQL and config files without any quoting.
 SECRET="$("$PY" -c 'import secrets; print(secrets.token_hex(16))')"
 
-say "starting PostgreSQL on 127.0.0.1:$PG_PORT"
-start_postgres
-say "starting Redis on 127.0.0.1:$REDIS_PORT"
-start_redis
+say "starting PostgreSQL on 127.0.0.1:$PG_PORT and Redis on 127.0.0.1:$REDIS_PORT"
+start_servers
 
 # Exported rather than passed on command lines: process listings would show the passwords.
 export SIDECAR_DATABASE_URL="postgresql://sidecar:$SECRET@127.0.0.1:$PG_PORT/sidecar"

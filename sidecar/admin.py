@@ -3,7 +3,8 @@
 Rules that hold here:
 1. Without `SIDECAR_ADMIN_TOKEN` the admin API does not exist (404), so an ops port exposed
    by mistake offers nothing to try.
-2. The admin token is compared in constant time; a wrong or missing one gets the same 401.
+2. The admin token is compared in constant time, as bytes, whatever bytes the header holds
+   (aiohttp reads undecodable ones as surrogates); a wrong or missing one gets the same 401.
 3. Responses never echo the token being invalidated.
 4. Bodies are read until their end, at most `MAX_BODY` bytes (413 beyond), however they are
    framed or cut into TCP segments.
@@ -49,7 +50,8 @@ def make_invalidate_handler(invalidator: Invalidator, admin_token: SecretStr | N
         if admin_token is None:
             raise NotFound()  # rule 1
         given = parse_authorization(request.headers.getall("Authorization", ()), 4096)
-        if not hmac.compare_digest(given.encode(), admin_token.get_secret_value().encode()):
+        expected = admin_token.get_secret_value().encode()
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
             raise InvalidToken()
 
         if request.content_length is not None and request.content_length > MAX_BODY:
@@ -69,6 +71,9 @@ def make_invalidate_handler(invalidator: Invalidator, admin_token: SecretStr | N
             raise BadRequest("Give exactly one of 'token' or 'tenant_id'")
         if scope is not None and (token is None or not isinstance(scope, str) or not scope):
             raise BadRequest("'scope' must be a non-empty string and goes with 'token'")
+        if scope is not None and scope not in invalidator.scopes:
+            # A typo would otherwise invalidate nothing and still answer 200.
+            raise BadRequest("'scope' is not one of the scopes in SIDECAR_SCOPE_ROUTES")
         if token is not None:
             if not isinstance(token, str) or not token:
                 raise BadRequest("'token' must be a non-empty string")

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 
 from sidecar.outcomes import Outcome
 from tests.conftest import Db, SidecarFactory
@@ -240,3 +241,32 @@ async def test_known_series_exist_at_zero_from_the_start(
     assert scraped(found, "sidecar_redis_errors_total", {"op": "ratelimit"}) == 0
     assert scraped(found, "sidecar_upstream_responses_total", {"status_class": "5xx"}) == 0
     assert scraped(found, "sidecar_invalidations_total", {"source": "notify"}) == 0
+
+
+@pytest.mark.parametrize("credential", [b"Bearer \xff\xfe", b"Bearer " + ADMIN.encode() + b"\xff",
+                                        b"Bearer \xc3\xa9t\xc3\xa9-0123456789abcdef"])
+async def test_admin_answers_401_to_any_bytes_in_authorization(
+    make_sidecar: SidecarFactory, credential: bytes
+) -> None:
+    sc = await make_sidecar(admin_token=ADMIN)
+    body = orjson.dumps({"tenant_id": TENANT})
+    resp = await exchange(sc.ops.port, [
+        b"POST /admin/invalidate HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Authorization: " + credential + b"\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body])
+    assert resp.status == 401
+    assert resp.json()["code"] == "unauthorized"
+    assert credential not in resp.body
+
+
+async def test_admin_refuses_an_unknown_scope(
+    make_sidecar: SidecarFactory, http: aiohttp.ClientSession
+) -> None:
+    sc = await make_sidecar(admin_token=ADMIN, scope_routes="/v1/datasets=dataset,/=app")
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    url = sc.ops_url("/admin/invalidate")
+    async with http.post(url, json={"token": "t-1", "scope": "datasets"}, headers=auth) as r:
+        assert r.status == 400
+        assert orjson.loads(await r.read())["code"] == "bad_request"
+    async with http.post(url, json={"token": "t-1", "scope": "dataset"}, headers=auth) as r:
+        assert r.status == 200

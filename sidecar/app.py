@@ -189,7 +189,8 @@ def create_app(
 
     app.cleanup_ctx.extend([store_ctx, redis_ctx, subscriptions_ctx, forwarder_ctx,
                             last_used_ctx])
-    app.router.add_route("*", DECISION_ROUTE, make_decision_handler(gate))
+    app.router.add_route("*", DECISION_ROUTE,
+                         make_decision_handler(gate, trusted_peers_only=forwarder is not None))
     app.router.add_route("*", "/{tail:.*}",
                          make_proxy_handler(gate, forwarder) if forwarder else not_found,
                          expect_handler=Forwarder.defer_continue, name=UPSTREAM_ROUTE)

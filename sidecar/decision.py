@@ -162,8 +162,13 @@ def original_request(request: web.BaseRequest, *, trusted: bool) -> OriginalRequ
     return OriginalRequest(method.upper(), path)
 
 
-def make_decision_handler(gate: Gate) -> Handler:
-    """The handler of `DECISION_ROUTE`; one per app (it keeps its own log throttle)."""
+def make_decision_handler(gate: Gate, *, trusted_peers_only: bool = False) -> Handler:
+    """The handler of `DECISION_ROUTE`; one per app (it keeps its own log throttle).
+
+    `trusted_peers_only` (proxy mode): the endpoint exists only for peers in
+    SIDECAR_TRUSTED_PROXIES. Clients of the proxy have no use for it, and it would tell them
+    the row ids of their own token; to them it is one more path of the upstream's API that
+    the sidecar does not serve (404)."""
     last_warning = -_UNTRUSTED_WARNING_INTERVAL
 
     def warn_untrusted(request: web.Request, ignored: tuple[str, ...]) -> None:
@@ -181,8 +186,11 @@ def make_decision_handler(gate: Gate) -> Handler:
         )
 
     async def decision_handler(request: web.Request) -> web.StreamResponse:
+        trusted = gate.is_trusted(request.remote)
+        if trusted_peers_only and not trusted:
+            raise NotFound()
         try:
-            original = original_request(request, trusted=gate.is_trusted(request.remote))
+            original = original_request(request, trusted=trusted)
         except NotDecisionPath:
             raise NotFound() from None
         except UndescribedRequest as exc:

@@ -206,6 +206,27 @@ async def test_proxy_mode_answers_decisions_and_proxies_look_alikes(
     assert upstream.app[CALLS] == ["/_sidecar/authx"]
 
 
+async def test_proxy_mode_answers_decisions_to_trusted_peers_only(
+    make_sidecar: SidecarFactory, upstream: TestServer, tokens: dict[str, tuple[str, str]]
+) -> None:
+    # In proxy mode any client could otherwise ask the decision endpoint about its own token
+    # and read the row ids in the identity headers; from an untrusted peer it is a 404 and
+    # nothing reaches the upstream. Decision-only mode keeps answering Envoy's path style.
+    proxy = await make_sidecar(scope_routes=DIFY_ROUTES, upstream_url=str(upstream.make_url("")),
+                               trusted_proxies=UNTRUSTED_ONLY)
+    decision_only = await make_sidecar(scope_routes=DIFY_ROUTES, trusted_proxies=UNTRUSTED_ONLY)
+    auth = [bearer(tokens["dataset"][0])]
+    for target in ("/_sidecar/auth/v1/datasets/x", "/_sidecar/auth"):
+        resp = await raw_request(proxy.main.port, "GET", target, auth)
+        assert resp.status == 404, target
+        assert resp.json()["code"] == "not_found"
+        assert resp.identity() == {}
+    assert upstream.app[CALLS] == []
+    resp = await raw_request(decision_only.main.port, "GET", "/_sidecar/auth/v1/datasets/x", auth)
+    assert resp.status == 200
+    assert resp.headers["X-Api-Token-Scope"] == "dataset"
+
+
 async def test_decisions_count_in_metrics_and_last_used(
     dify: Sidecar, db: Db, tokens: dict[str, tuple[str, str]]
 ) -> None:

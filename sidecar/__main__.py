@@ -46,6 +46,15 @@ async def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
     from sidecar.app import create_app, create_ops_app
     from sidecar.eventloop import resolve
     from sidecar.logs import access_logger_class, stdout_access_log
+    from sidecar.sockets import BindError, bind
+
+    try:
+        main_sock = bind("SIDECAR_LISTEN", settings.listen, backlog=2048, reuse_port=reuse_port)
+        ops_sock = bind("SIDECAR_OPS_LISTEN", settings.ops_listen, backlog=128,
+                        reuse_port=reuse_port)
+    except BindError as exc:
+        log.error(str(exc), extra={"fields": {"setting": exc.setting, "address": exc.address}})
+        raise SystemExit(1) from None
 
     app = create_app(settings)
     access_log = stdout_access_log(settings.access_log)
@@ -61,10 +70,8 @@ async def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
     ops_runner = web.AppRunner(create_ops_app(app), access_log=None, handle_signals=False)
     await ops_runner.setup()
     try:
-        await web.TCPSite(runner, settings.listen.host, settings.listen.port,
-                          backlog=2048, reuse_port=reuse_port or None).start()
-        await web.TCPSite(ops_runner, settings.ops_listen.host, settings.ops_listen.port,
-                          reuse_port=reuse_port or None).start()
+        await web.SockSite(runner, main_sock).start()
+        await web.SockSite(ops_runner, ops_sock).start()
         log.info("listening", extra={"fields": {
             "listen": str(settings.listen), "ops_listen": str(settings.ops_listen),
             "mode": "proxy" if settings.upstream_url else "decision-only",

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 import aiohttp
@@ -270,3 +272,30 @@ async def test_admin_refuses_an_unknown_scope(
         assert orjson.loads(await r.read())["code"] == "bad_request"
     async with http.post(url, json={"token": "t-1", "scope": "dataset"}, headers=auth) as r:
         assert r.status == 200
+
+
+@pytest.mark.parametrize("taken", ["SIDECAR_LISTEN", "SIDECAR_OPS_LISTEN"])
+async def test_address_in_use_exits_at_once_with_one_line(
+    taken: str, redis_url: str, db: Db
+) -> None:
+    # SPEC 15: non-zero within 5 s, one line naming the address; nothing else was started
+    # (the Redis subscriber used to keep a half-started sidecar alive).
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = f"127.0.0.1:{holder.getsockname()[1]}"
+        env = {"SIDECAR_DATABASE_URL": db.dsn, "SIDECAR_REDIS_URL": redis_url,
+               "SIDECAR_LISTEN": f"127.0.0.1:{free_port()}",
+               "SIDECAR_OPS_LISTEN": f"127.0.0.1:{free_port()}", taken: busy}
+        started = time.monotonic()
+        res = await asyncio.to_thread(run_cli, "serve", env=env)
+        took = time.monotonic() - started
+    assert res.returncode != 0
+    assert took < 5
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    doc = orjson.loads(lines[0])
+    assert doc["level"] == "error"
+    assert doc["address"] == busy
+    assert doc["setting"] == taken
+    assert PG_PASSWORD not in lines[0]

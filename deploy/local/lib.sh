@@ -42,6 +42,18 @@ ensure_system_packages() {
   pg_bindir >/dev/null || { say "PostgreSQL binaries still missing"; return 1; }
 }
 
+# ensure_benchmark_tools: wrk (the load generator of benchmarks/bench_proxy.py); the tests never
+# need it.
+ensure_benchmark_tools() {
+  ensure_system_packages with-nginx
+  if ! command -v wrk >/dev/null 2>&1; then
+    say "installing Debian packages: wrk"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      wrk >/dev/null
+  fi
+}
+
 # ensure_venv [extras]: a .venv with the package installed in editable mode.
 ensure_venv() {
   local extras="${1:-}"

@@ -15,9 +15,11 @@ body, headers and an outcome, in one table.
     ├── NotFound                  404
     ├── PayloadTooLarge           413
     ├── ExpectationFailed         417
-    └── UpstreamError             the upstream could not be asked
-        ├── UpstreamUnavailable   502
-        └── UpstreamTimeout       504
+    ├── UpstreamError             the upstream could not be asked
+    │   ├── UpstreamUnavailable   502
+    │   └── UpstreamTimeout       504
+    └── ClientClosed              the client went away mid-request: 499 in the access log
+                                  (nginx's convention), never a 500; nobody reads the body
 
     StoreUnavailable              raised by a token store whose backend cannot answer; the
                                   Authenticator turns it into a stale answer or
@@ -134,6 +136,13 @@ class UpstreamUnavailable(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     message = "Upstream service did not respond in time"
+
+
+class ClientClosed(SidecarError):
+    """The client's connection broke while its request was read or answered (a reset, a
+    close mid-upload): nothing went wrong here or upstream, and nobody is left to answer."""
+
+    message = "Client closed the connection"
 
 
 class StoreUnavailable(Exception):

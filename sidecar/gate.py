@@ -17,6 +17,7 @@ Rules that hold here:
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import re
@@ -39,6 +40,7 @@ from sidecar.errors import (
 )
 from sidecar.outcomes import Outcome
 from sidecar.request_info import REQUEST_INFO, info_of
+from sidecar.responses import client_gone
 from sidecar.routing import INVALID_TARGET_RE, NO_SCOPE, normalize_path
 from sidecar.trust import IPNetwork, peer_trusted
 
@@ -113,6 +115,12 @@ class Gate:
             metrics.in_flight.inc()
             try:
                 return await handler(request)
+            except asyncio.CancelledError:
+                # aiohttp cancels the handler when the client's connection is lost (if the
+                # runner asks it to): the client left, nothing failed.
+                if client_gone(request):
+                    info.outcome = Outcome.CLIENT_CLOSED
+                raise
             finally:
                 metrics.in_flight.dec()
                 scope = info.scope if info.scope is not None else NO_SCOPE.value

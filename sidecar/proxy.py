@@ -34,12 +34,19 @@ from aiohttp import HttpVersion11, WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 from yarl import URL
 
-from sidecar.errors import ExpectationFailed, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from sidecar.errors import (
+    ClientClosed,
+    ExpectationFailed,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from sidecar.headers import downstream_response_headers, upstream_request_headers
 from sidecar.metrics import Metrics
 from sidecar.models import Identity
+from sidecar.outcomes import Outcome
 from sidecar.request_info import info_of
-from sidecar.responses import error_response, json_error, outcome_of
+from sidecar.responses import client_gone, error_response, json_error, outcome_of
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -59,24 +66,34 @@ def _status_class(status: int) -> str:
 
 
 @contextlib.contextmanager
-def upstream_errors(metrics: Metrics | None) -> Iterator[None]:
+def upstream_errors(metrics: Metrics | None, request: web.BaseRequest) -> Iterator[None]:
     """aiohttp's and the OS's errors while talking to the upstream, as the sidecar's own
     (rule 2), mapped here once. With `metrics`, each is also counted by its kind; without,
-    it is not (a body cut after the response was counted already)."""
+    it is not (a body cut after the response was counted already). When the client's own
+    connection broke meanwhile (its upload was cut, it reset while we answered), that is
+    the cause, whatever the error says: `ClientClosed`, and the upstream is not blamed."""
     try:
         yield
     except UpstreamError:
         raise
-    except aiohttp.ConnectionTimeoutError as exc:
-        # Connecting took too long: nobody answered, which is "unavailable", not "slow".
-        _count(metrics, "connect_error")
-        raise UpstreamUnavailable() from exc
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        _count(metrics, "timeout")
-        raise UpstreamTimeout() from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        _count(metrics, "connect_error")
-        raise UpstreamUnavailable() from exc
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        if client_gone(request):
+            raise ClientClosed() from exc
+        raise _mapped(exc, metrics) from exc
+
+
+def _mapped(exc: BaseException, metrics: Metrics | None) -> UpstreamError:
+    # ConnectionTimeoutError first: it is also a ServerTimeoutError. Connecting took too
+    # long: nobody answered, which is "unavailable", not "slow".
+    error: UpstreamError
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        kind, error = "connect_error", UpstreamUnavailable()
+    elif isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        kind, error = "timeout", UpstreamTimeout()
+    else:
+        kind, error = "connect_error", UpstreamUnavailable()
+    _count(metrics, kind)
+    return error
 
 
 def _count(metrics: Metrics | None, status_class: str) -> None:
@@ -239,7 +256,7 @@ class Forwarder:
             request.writer.output_size = 0
         started = time.perf_counter()
         try:
-            with upstream_errors(self.metrics):
+            with upstream_errors(self.metrics, request):
                 upstream = await self.session.request(
                     request.method, url, headers=headers, data=data,
                     allow_redirects=False, compress=None,
@@ -247,6 +264,9 @@ class Forwarder:
                 )
         except UpstreamUnavailable as exc:
             log.warning("upstream request failed: %s", _cause(exc))
+            raise
+        except ClientClosed:
+            # The upload was cut by the client: the upstream saw a broken request.
             raise
 
         elapsed = time.perf_counter() - started
@@ -259,9 +279,12 @@ class Forwarder:
             # X-Request-Id and RateLimit-* are added by the app's on_response_prepare hook.
             await response.prepare(request)
             try:
-                with upstream_errors(None):
+                with upstream_errors(None, request):
                     async for chunk in upstream.content.iter_any():
                         await response.write(chunk)
+            except ClientClosed:
+                info_of(request).outcome = Outcome.CLIENT_CLOSED
+                return response
             except UpstreamError as exc:
                 # Headers are out; cutting the connection is the only honest signal left.
                 log.warning("upstream body interrupted: %s", _cause(exc))
@@ -282,7 +305,7 @@ class Forwarder:
         # aiohttp refuses a message of exactly `max_msg_size` bytes (`>=`); one more makes the
         # setting the largest message that passes.
         max_msg_size = self.limits.websocket_max_message + 1
-        with upstream_errors(self.metrics):
+        with upstream_errors(self.metrics, request):
             try:
                 upstream_ws = await self.session.ws_connect(
                     url.with_scheme("wss" if url.scheme == "https" else "ws"),

@@ -21,6 +21,7 @@ from aiohttp import web
 from sidecar.errors import (
     AuthUnavailable,
     BadRequest,
+    ClientClosed,
     ExpectationFailed,
     NotFound,
     PayloadTooLarge,
@@ -63,6 +64,7 @@ _TABLE: dict[type[SidecarError], ErrorRow] = {
     UpstreamError: ErrorRow(502, "bad_gateway", Outcome.ALLOWED),
     UpstreamUnavailable: ErrorRow(502, "bad_gateway", Outcome.ALLOWED),
     UpstreamTimeout: ErrorRow(504, "gateway_timeout", Outcome.ALLOWED),
+    ClientClosed: ErrorRow(499, "client_closed", Outcome.CLIENT_CLOSED),
 }
 
 
@@ -101,6 +103,12 @@ def outcome_of(exc: SidecarError) -> Outcome:
     return row.outcome if row is not None else Outcome.ERROR
 
 
+def client_gone(request: web.BaseRequest) -> bool:
+    """The client's connection is closed or closing (aiohttp drops the transport on reset)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Rule 1, on both listeners. The outcome of an error is the table's, unless the handler
@@ -109,10 +117,17 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except SidecarError as exc:
         info = info_of(request)
-        info.outcome = info.outcome or outcome_of(exc)
+        # A client that left is that, whatever was decided before it did.
+        closed = isinstance(exc, ClientClosed)
+        info.outcome = outcome_of(exc) if closed else info.outcome or outcome_of(exc)
         return error_response(exc)
     except web.HTTPException:
         raise
+    except ConnectionResetError:  # aiohttp's ClientConnectionResetError too
+        if not client_gone(request):
+            raise
+        info_of(request).outcome = Outcome.CLIENT_CLOSED
+        return error_response(ClientClosed())
     except Exception:
         info = info_of(request)
         log.exception("unhandled error", extra={"fields": {"request_id": info.request_id}})

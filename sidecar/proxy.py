@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any
 
 import aiohttp
 from aiohttp import HttpVersion11, WSMsgType, web
@@ -147,6 +148,10 @@ class Forwarder:
         # aiohttp's pool tells "pool full" (504, below) apart from "cannot connect" (502).
         self._slots = asyncio.Semaphore(limits.max_connections)
         self._session: aiohttp.ClientSession | None = None
+        base = URL(self.base)
+        self._base_parts = (base.scheme, base.raw_host or "", base.explicit_port,
+                            base.raw_path.rstrip("/"))
+        self._status_children: dict[str, Any] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
@@ -179,11 +184,19 @@ class Forwarder:
 
     def _url(self, path: str, query: str) -> URL:
         # Built from parts, so nothing in the path can be re-read as a query or a fragment.
-        base = URL(self.base)
-        return URL.build(
-            scheme=base.scheme, host=base.raw_host or "", port=base.explicit_port,
-            path=base.raw_path.rstrip("/") + path, query_string=query, encoded=True,
-        )
+        # The base is parsed once (in __init__), not per request.
+        scheme, host, port, prefix = self._base_parts
+        return URL.build(scheme=scheme, host=host, port=port, path=prefix + path,
+                         query_string=query, encoded=True)
+
+    def _count_status(self, status: int) -> None:
+        # labels() takes a lock and builds a key per call; a handful of children, kept here.
+        cls = _status_class(status)
+        child = self._status_children.get(cls)
+        if child is None:
+            child = self._status_children[cls] = self.metrics.upstream_responses.labels(
+                status_class=cls)
+        child.inc()
 
     async def forward(
         self,
@@ -272,7 +285,7 @@ class Forwarder:
         elapsed = time.perf_counter() - started
         info_of(request).upstream_ms = round(elapsed * 1000, 3)
         self.metrics.upstream_latency.observe(elapsed)
-        self.metrics.upstream_responses.labels(status_class=_status_class(upstream.status)).inc()
+        self._count_status(upstream.status)
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.extend(downstream_response_headers(upstream.headers))

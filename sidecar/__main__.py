@@ -11,6 +11,7 @@ import signal
 import sys
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 from aiohttp import web
@@ -43,9 +44,10 @@ def _settings_or_exit() -> Settings:
 
 
 async def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
-    from sidecar.app import create_app, create_ops_app
+    from sidecar.app import METRICS, create_app, create_ops_app
     from sidecar.eventloop import resolve
     from sidecar.logs import access_logger_class, stdout_access_log
+    from sidecar.server import SidecarRunner
     from sidecar.sockets import BindError, bind
 
     try:
@@ -58,16 +60,13 @@ async def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
 
     app = create_app(settings)
     access_log = stdout_access_log(settings.access_log)
-    if access_log is None:
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=settings.shutdown_grace,
-                               handle_signals=False)
-    else:
-        runner = web.AppRunner(
-            app, access_log_class=access_logger_class(access_log),
-            shutdown_timeout=settings.shutdown_grace, handle_signals=False,
-        )
+    logging_kwargs: dict[str, Any] = (
+        {"access_log": None} if access_log is None
+        else {"access_log_class": access_logger_class(access_log)})
+    runner = SidecarRunner(app, metrics=app[METRICS], shutdown_timeout=settings.shutdown_grace,
+                           handle_signals=False, **logging_kwargs)
     await runner.setup()
-    ops_runner = web.AppRunner(create_ops_app(app), access_log=None, handle_signals=False)
+    ops_runner = SidecarRunner(create_ops_app(app), access_log=None, handle_signals=False)
     await ops_runner.setup()
     try:
         await web.SockSite(runner, main_sock).start()

@@ -24,6 +24,7 @@ from sidecar.decision import DECISION_ROUTE, make_decision_handler
 from sidecar.gate import Gate, add_response_headers, make_proxy_handler, not_found
 from sidecar.invalidation import Invalidator
 from sidecar.last_used import DeferredPostgresWriter, LastUsedQueue
+from sidecar.last_used_handoff import RedisLastUsedHandoff
 from sidecar.metrics import Metrics
 from sidecar.ops import build_ops_app
 from sidecar.proxy import Forwarder, UpstreamLimits
@@ -111,6 +112,7 @@ def create_app(
         flush_interval=settings.last_used_flush_interval,
         max_pending=settings.last_used_max_pending,
         metrics=metrics,
+        handoff=RedisLastUsedHandoff(guarded) if guarded is not None else None,
     )
     invalidator = Invalidator(authenticator, redis, settings.scopes, metrics)
     limiter = RateLimiter(

@@ -14,6 +14,10 @@ Rules that hold here:
    value, so replicas flushing overlapping batches in any order cannot move it back.
 6. Times are naive UTC (Dify's `timestamp` column); aware datetimes are converted on entry.
 7. Logs carry counts and the error class/message only, never a token id.
+8. Shutdown while the database is down (SPEC 15): the final flush is retried until its
+   deadline; what is left is handed to Redis (`handoff`), and every flush of any sidecar
+   first takes what was handed off. Only without a hand-off are entries lost, and then
+   counted (`sidecar_last_used_lost_total`) and logged with their number.
 
 Everything here runs on one event loop; nothing is thread-safe and nothing needs to be.
 """
@@ -25,7 +29,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
@@ -44,8 +48,18 @@ _log = logging.getLogger("sidecar.last_used")
 # reads `UPDATE api_tokens ...` in pg_stat_statements and Postgres logs.
 _TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
+# Of the final flush's time, what is kept for handing entries to Redis (rule 8), seconds.
+HANDOFF_RESERVE = 1.0
+
 # Error messages of drivers can be long (server detail, hints); a log line needs the gist.
 _MAX_ERROR_MESSAGE = 200
+
+
+class Handoff(Protocol):
+    """Where entries go that a stopping sidecar could not write (rule 8)."""
+
+    async def put(self, entries: Mapping[str, datetime]) -> bool: ...
+    async def take(self) -> dict[str, datetime]: ...
 
 
 class LastUsedWriter(Protocol):
@@ -174,12 +188,15 @@ class LastUsedQueue:
         max_pending: int,
         metrics: Metrics | None = None,
         max_backoff: float = 60.0,
+        handoff: Handoff | None = None,
     ) -> None:
         if flush_interval <= 0:
             raise ValueError("flush_interval must be positive")
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
         self._writer = writer
+        self._handoff = handoff
+        self._lost: set[str] = set()
         self._interval = flush_interval
         self._max_pending = max_pending
         self._metrics = metrics
@@ -228,6 +245,10 @@ class LastUsedQueue:
         On failure the batch is merged back (rule 4) and the error re-raised.
         """
         async with self._lock:
+            if self._handoff is not None:
+                # Rule 8: what stopped sidecars left goes out with this batch (kept, like it,
+                # if the write fails).
+                self._merge_back(await self._handoff.take())
             batch = self._pending
             if not batch:
                 return 0
@@ -278,22 +299,49 @@ class LastUsedQueue:
                 # Only a bug can end the loop with an error; retrieve it so it is not lost.
                 _log.warning("last_used flusher had failed: %s", _describe(error))
         pending = self.pending
-        try:
-            async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
-                rows = await self.flush()
-        except TimeoutError:
-            _log.warning(
-                "last_used final flush timed out after %.1f s; %d ids not written",
-                timeout, self.pending,
-            )
-        except Exception as exc:
-            _log.warning(
-                "last_used final flush failed; %d ids not written: %s",
-                self.pending, _describe(exc),
-            )
-        else:
+        # Some of the time is kept for the hand-off, should the database stay away.
+        reserve = HANDOFF_RESERVE if self._handoff is not None else 0.0
+        rows, problem = await self._flush_until(deadline - reserve)
+        if problem is None:
             if pending:
                 _log.info("last_used final flush: %d ids, %d rows written", pending, rows)
+            return
+        left = dict(self._pending)
+        if self._handoff is not None and left and await self._handoff.put(left):
+            self._pending = {}
+            self._update_gauge()
+            _log.warning("last_used final flush failed; %d ids handed to Redis for the next "
+                         "flush of any sidecar: %s", len(left), problem)
+            return
+        if left:
+            # They stay pending (nothing pretends they were written); counted once each,
+            # should close() be called again.
+            new = left.keys() - self._lost
+            self._lost |= new
+            if self._metrics is not None and new:
+                self._metrics.last_used_lost.inc(len(new))
+            _log.warning("last_used final flush failed; %d ids not written (lost): %s",
+                         len(left), problem)
+
+    async def _flush_until(self, deadline: float) -> tuple[int, str | None]:
+        """Flush, retrying with the back-off until `deadline` (rule 8): (rows, None) once it
+        worked, (0, what went wrong last) if it never did."""
+        loop = asyncio.get_running_loop()
+        failures = 0
+        while True:
+            try:
+                async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
+                    return await self.flush(), None
+            except TimeoutError:
+                return 0, "timed out"
+            except Exception as exc:
+                failures += 1
+                error = _describe(exc)
+            pause = backoff_delay(failures, base=min(self._interval, 0.25), cap=1.0)
+            if loop.time() + pause >= deadline:
+                return 0, error
+            await asyncio.sleep(pause)
+
 
     async def _run(self) -> None:
         delay = self._interval

@@ -31,7 +31,7 @@ CACHE_RESULTS = (("l1", "hit"), ("l1", "miss"), ("l1", "negative"), ("l2", "hit"
                  ("l2", "miss"), ("l2", "negative"), ("stale", "stale"))
 POSTGRES_KINDS = ("lookup", "last_used")
 REDIS_OPS = ("get", "set", "delete", "delete_tenant", "delete_all", "lock", "unlock",
-             "publish", "ratelimit")
+             "publish", "ratelimit", "last_used_handoff")
 UPSTREAM_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "connect_error", "timeout")
 INVALIDATION_SOURCES = ("notify", "pubsub", "admin", "notify_malformed", "pubsub_malformed",
                         "notify_reconnect", "pubsub_reconnect")
@@ -118,6 +118,11 @@ class Metrics:
         self.last_used_dropped = Counter(
             "sidecar_last_used_dropped",
             "Token ids not recorded because the pending set was full.", registry=r,
+        )
+        self.last_used_lost = Counter(
+            "sidecar_last_used_lost",
+            "Token ids whose last_used_at could not be written at shutdown, nor handed to "
+            "Redis for another sidecar.", registry=r,
         )
 
         self._create_known_series(scopes)

@@ -1,8 +1,9 @@
 """Long-lived subscriptions that keep themselves alive: Postgres LISTEN and Redis pub/sub.
 
 Rules that hold here:
-1. A subscription that drops reconnects with jittered exponential back-off, forever, until
-   closed; it never takes the process down and never logs a payload.
+1. A subscription that drops reconnects with jittered exponential back-off (capped at half a
+   second: see RECONNECT_CAP), forever, until closed; it never takes the process down and
+   never logs a payload.
 2. After a reconnect, `on_reconnect` runs first: messages sent while we were away are lost,
    so the owner must assume everything changed (the Invalidator clears L1 and, after a
    NOTIFY gap, stops trusting L2 entries written before the reconnect).
@@ -33,10 +34,20 @@ OnMessage = Callable[[str], Awaitable[None]]
 OnMessages = Callable[[list[str]], Awaitable[None]]
 
 MAX_BATCH = 1000
-# Reconnect back-off of both subscriptions (sidecar.backoff), seconds.
-RECONNECT_BASE = 0.2
-RECONNECT_CAP = 10.0
+# Reconnect back-off of both subscriptions (sidecar.backoff), seconds. The cap is short on
+# purpose: every notification sent while we are not listening is lost, so after an outage we
+# must be listening again within a fraction of the 1 s revocation bound of the server's
+# return (SPEC 3.4). An attempt against a server that is down is a refused connection: cheap.
+RECONNECT_BASE = 0.1
+RECONNECT_CAP = 0.5
 OnReconnect = Callable[[], Awaitable[None]]
+
+
+def _describe(exc: BaseException) -> str:
+    """The error class and the driver's message, one line, bounded; DSNs are not in these
+    messages (asyncpg and redis-py name the host and port only)."""
+    message = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 class _Subscription:
@@ -66,17 +77,21 @@ class _Subscription:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure: reconnect (rule 1)
-                log.warning("%s lost: %s", self.name, type(exc).__name__)
+                # Once per change of state: retries against a server that stays down are
+                # not news (they come every RECONNECT_CAP seconds).
+                level = logging.WARNING if backoff.failures == 0 else logging.DEBUG
+                log.log(level, "%s lost: %s", self.name, _describe(exc))
             self.connected.clear()
             await asyncio.sleep(backoff.next_delay())
 
     async def _connected(self, backoff: Backoff) -> None:
+        retries = backoff.failures
         backoff.reset()
         self.connects += 1
         if self.connects > 1:
             await self.on_reconnect()
         self.connected.set()
-        log.info("%s connected", self.name)
+        log.info("%s connected%s", self.name, f" after {retries} retries" if retries else "")
 
     async def _session(self, backoff: Backoff) -> None:
         raise NotImplementedError

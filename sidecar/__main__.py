@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.resources
 import logging
+import resource
 import secrets
 import signal
 import sys
@@ -43,11 +45,32 @@ def _settings_or_exit() -> Settings:
         raise SystemExit(2) from None
 
 
+# Room for pools, subscriptions, logs and the ops listener besides the client connections.
+OPS_MAX_CONNECTIONS = 64
+FD_RESERVE = 512
+
+
+def raise_fd_limit(connections: int) -> None:
+    """Raise the soft file-descriptor limit to the hard one, and warn when the connection
+    caps do not fit below it: at the limit accept() fails in a loop, and no client (not even
+    a probe of the ops listener) gets in."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    needed = connections + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("file-descriptor limit below the connection caps: lower "
+                    "SIDECAR_MAX_CLIENT_CONNECTIONS or raise the limit",
+                    extra={"fields": {"nofile": soft, "needed": needed}})
+
+
 async def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
     from sidecar.app import METRICS, create_app, create_ops_app
     from sidecar.eventloop import resolve
     from sidecar.logs import access_logger_class, stdout_access_log
-    from sidecar.server import SidecarRunner
+    from sidecar.server import ConnectionLimits, SidecarRunner, ops_limits
     from sidecar.sockets import BindError, bind
 
     try:
@@ -63,10 +86,22 @@ async def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
     logging_kwargs: dict[str, Any] = (
         {"access_log": None} if access_log is None
         else {"access_log_class": access_logger_class(access_log)})
-    runner = SidecarRunner(app, metrics=app[METRICS], shutdown_timeout=settings.shutdown_grace,
+    metrics = app[METRICS]
+    raise_fd_limit(settings.max_client_connections + OPS_MAX_CONNECTIONS)
+    limits = ConnectionLimits(
+        header_timeout=settings.client_header_timeout,
+        keepalive_timeout=settings.keepalive_timeout,
+        body_timeout=settings.client_body_timeout,
+        max_connections=settings.max_client_connections,
+        max_header_bytes=settings.max_header_bytes, listener="main", metrics=metrics)
+    runner = SidecarRunner(app, metrics=metrics, limits=limits,
+                           shutdown_timeout=settings.shutdown_grace,
                            handle_signals=False, **logging_kwargs)
     await runner.setup()
-    ops_runner = SidecarRunner(create_ops_app(app), access_log=None, handle_signals=False)
+    # sidecar_requests_total counts the main listener's requests only; the ops listener's
+    # refused connections are counted under their own label.
+    ops_runner = SidecarRunner(create_ops_app(app), limits=ops_limits(metrics),
+                               access_log=None, handle_signals=False)
     await ops_runner.setup()
     try:
         await web.SockSite(runner, main_sock).start()

@@ -147,6 +147,14 @@ class Metrics:
         for source in INVALIDATION_SOURCES:
             self.invalidations.labels(source=source)
 
+        self.connections_refused = Counter(
+            "sidecar_client_connections_refused",
+            "Client connections closed at once: over SIDECAR_MAX_CLIENT_CONNECTIONS on the "
+            "main listener, or the ops listener's fixed cap.", ["listener"], registry=self.registry,
+        )
+        for listener in ("main", "ops"):
+            self.connections_refused.labels(listener=listener)
+
     def request_counter(self, outcome: str, scope: str) -> Any:
         key = ("requests", outcome, scope)
         child = self._children.get(key)

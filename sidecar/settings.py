@@ -132,6 +132,13 @@ class Settings(BaseSettings):
     hide_credentials: bool = False
     shutdown_grace: float = Field(20.0, ge=0)
 
+    # Hostile traffic (SPEC 15), main listener; the ops listener has fixed bounds.
+    client_header_timeout: float = Field(10.0, gt=0)
+    keepalive_timeout: float = Field(75.0, gt=0)
+    client_body_timeout: float = Field(60.0, gt=0)
+    max_client_connections: int = Field(10_000, ge=1)
+    max_header_bytes: int = Field(32_768, ge=1024, le=1_048_576)
+
     # Token store (SPEC 4)
     database_url: SecretStr
     database_pool_size: int = Field(10, ge=1)

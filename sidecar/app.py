@@ -34,7 +34,7 @@ from sidecar.rediscache import PUBSUB_CHANNEL, RedisCache
 from sidecar.redisclient import GuardedRedis, connect
 from sidecar.responses import error_middleware
 from sidecar.routing import Router
-from sidecar.settings import Settings
+from sidecar.settings import Settings, listen_dsn
 from sidecar.store import PostgresTokenStore
 from sidecar.subscriptions import PostgresSubscription, RedisSubscriber
 from sidecar.workers import multiprocess_dir
@@ -70,6 +70,7 @@ def create_app(
         metrics=metrics,
         pool_size=settings.database_pool_size,
         timeout=settings.database_timeout,
+        statement_cache_size=settings.database_statement_cache_size,
         token_hash=settings.token_hash,
         lookup_sql=settings.token_lookup_sql,
     )
@@ -169,7 +170,7 @@ def create_app(
 
     async def subscriptions_ctx(_: web.Application) -> AsyncIterator[None]:
         subs: list[PostgresSubscription | RedisSubscriber] = [PostgresSubscription(
-            settings.database_url.get_secret_value(), settings.notify_channel,
+            listen_dsn(settings), settings.notify_channel,
             invalidator.on_notify, lambda: invalidator.on_reconnect("notify"),
         )]
         if guarded is not None:

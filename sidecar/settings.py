@@ -141,6 +141,11 @@ class Settings(BaseSettings):
 
     # Token store (SPEC 4)
     database_url: SecretStr
+    # 0: no named prepared statements, for PgBouncer in transaction or statement pooling.
+    database_statement_cache_size: int = Field(100, ge=0)
+    # The connection that LISTENs; default: database_url. Must reach Postgres directly or
+    # through session pooling (SPEC 3.5).
+    database_listen_url: SecretStr | None = None
     database_pool_size: int = Field(10, ge=1)
     database_timeout: float = Field(5.0, gt=0)
     token_hash: Literal["plain", "sha256"] = "plain"
@@ -233,10 +238,13 @@ class Settings(BaseSettings):
             raise ValueError("must not have a query string or fragment")
         return v.rstrip("/")
 
-    @field_validator("database_url", mode="before")
+    @field_validator("database_url", "database_listen_url", mode="before")
     @classmethod
-    def _dsn(cls, v: Any) -> Any:
+    def _dsn(cls, v: Any, info: ValidationInfo) -> Any:
         raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if info.field_name != "database_url" and (
+                raw is None or (isinstance(raw, str) and not raw.strip())):
+            return None
         if not isinstance(raw, str) or urlsplit(raw).scheme not in ("postgres", "postgresql"):
             # Deliberately does not echo the value: it may hold a password.
             raise ValueError("must be a postgresql:// URL")
@@ -276,7 +284,7 @@ class Settings(BaseSettings):
         for name in type(self).model_fields:
             value = getattr(self, name)
             key = ENV_PREFIX + name.upper()
-            if name in ("database_url", "redis_url") and value is not None:
+            if name in ("database_url", "database_listen_url", "redis_url") and value is not None:
                 out[key] = redact_url(value.get_secret_value())
             elif isinstance(value, SecretStr):
                 out[key] = "***"
@@ -319,3 +327,9 @@ def load_settings(**overrides: Any) -> Settings:
                 continue
             problems.append(f"{_variable(loc)}: {msg.removeprefix('Value error, ')}")
         raise SettingsError(problems) from None
+
+
+def listen_dsn(settings: Settings) -> str:
+    """Where the LISTEN connection goes (SIDECAR_DATABASE_LISTEN_URL, else the database)."""
+    url = settings.database_listen_url or settings.database_url
+    return url.get_secret_value()

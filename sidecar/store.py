@@ -90,6 +90,7 @@ class PostgresTokenStore:
         metrics: Metrics,
         pool_size: int = 10,
         timeout: float = 5.0,
+        statement_cache_size: int = 100,
         token_hash: str = "plain",
         lookup_sql: str | None = None,
     ) -> None:
@@ -97,6 +98,7 @@ class PostgresTokenStore:
         self.metrics = metrics
         self.pool_size = pool_size
         self.timeout = timeout
+        self.statement_cache_size = statement_cache_size
         self.hash_tokens = token_hash == "sha256"
         self.lookup_sql = lookup_sql or DEFAULT_LOOKUP_SQL
         self.ever_connected = False
@@ -125,6 +127,9 @@ class PostgresTokenStore:
             timeout=self.timeout,
             command_timeout=self.timeout,
             max_inactive_connection_lifetime=300,
+            # 0 behind PgBouncer's transaction pooling: a named prepared statement lives on
+            # one server connection, the next transaction may run on another.
+            statement_cache_size=self.statement_cache_size,
             server_settings={"application_name": "apikey-sidecar"},
         )
 

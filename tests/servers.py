@@ -346,3 +346,63 @@ if __name__ == "__main__":
     if len(sys.argv) != 5 or sys.argv[1] != "demo-up":
         sys.exit("usage: python -m tests.servers demo-up STATE PG_PORT REDIS_PORT")
     _demo_up(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+
+
+class PgBouncerServer:
+    """PgBouncer in front of a PostgresServer, in the given pooling mode. It refuses to run as
+    root, so as root it runs as the `postgres` user, like Postgres."""
+
+    def __init__(self, backend: PostgresServer, pool_mode: str = "transaction") -> None:
+        binary = shutil.which("pgbouncer") or (
+            "/usr/sbin/pgbouncer" if os.path.exists("/usr/sbin/pgbouncer") else None)
+        if not binary:
+            raise ServerUnavailable("pgbouncer not found (install pgbouncer)")
+        self.binary = binary
+        self.backend = backend
+        self.pool_mode = pool_mode
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="sidecar-pgbouncer-"))
+        self._as_user: list[str] = []
+        if os.geteuid() == 0:
+            self._as_user = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.dir, "postgres", "postgres")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://sidecar:{PG_PASSWORD}@127.0.0.1:{self.port}/sidecar"
+
+    def start(self) -> PgBouncerServer:
+        conf = self.dir / "pgbouncer.ini"
+        # auth_type=any: the backend trusts loopback connections, so the pooler needs no
+        # user list; the sidecar's password in its URL is simply not checked here.
+        conf.write_text(
+            "[databases]\n"
+            f"sidecar = host=127.0.0.1 port={self.backend.port} dbname=sidecar user=sidecar\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\n"
+            f"pool_mode = {self.pool_mode}\nauth_type = any\nunix_socket_dir =\n"
+            "default_pool_size = 4\nmax_client_conn = 200\n"
+            f"logfile = {self.dir / 'pgbouncer.log'}\npidfile = {self.dir / 'pgbouncer.pid'}\n"
+        )
+        if self._as_user:
+            shutil.chown(conf, "postgres", "postgres")
+        self.proc = subprocess.Popen([*self._as_user, self.binary, str(conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_port(self.port, timeout=10)
+        except TimeoutError:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=5)
+            raise RuntimeError(f"pgbouncer did not start: {err.decode(errors='replace')}") from None
+        return self
+
+    def destroy(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -31,7 +31,11 @@ ensure_system_packages() {
   pg_bindir >/dev/null || missing+=(postgresql postgresql-contrib)
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
-  if [ "${1:-}" = with-nginx ] && [ -z "$(nginx_bin)" ]; then missing+=(nginx-light); fi
+  if [ "${1:-}" = with-nginx ]; then
+    # The test suite's extra servers: nginx (auth_request) and PgBouncer (SPEC 3.5).
+    [ -n "$(nginx_bin)" ] || missing+=(nginx-light)
+    command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
+  fi
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq

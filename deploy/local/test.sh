@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the whole test suite: installs PostgreSQL, Redis and nginx (Debian packages) when missing,
+# Run the whole test suite: installs PostgreSQL, Redis, nginx and PgBouncer (Debian packages) when missing,
 # a .venv with the package and its test extras, then lint, type check and pytest.
 # The tests start their own servers on loopback ports in temp dirs, or use
 # SIDECAR_TEST_DATABASE_URL / SIDECAR_TEST_REDIS_URL when set. Extra args go to pytest.

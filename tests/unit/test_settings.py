@@ -67,8 +67,11 @@ def test_redacted_hides_every_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SIDECAR_DATABASE_URL", DSN)
     monkeypatch.setenv("SIDECAR_REDIS_URL", "redis://:redis-pw@127.0.0.1:6379/0")
     monkeypatch.setenv("SIDECAR_ADMIN_TOKEN", "admin-token-0123456789")
+    monkeypatch.setenv("SIDECAR_DATABASE_LISTEN_URL", "postgresql://u:listen-pw@db:5432/app")
     out = load_settings().redacted()
     joined = "\n".join(f"{k}={v}" for k, v in out.items())
+    assert "listen-pw" not in joined
+    assert out["SIDECAR_DATABASE_LISTEN_URL"] == "postgresql://u:***@db:5432/app"
     assert "hunter2-password" not in joined
     assert "redis-pw" not in joined
     assert "admin-token-0123456789" not in joined
@@ -87,6 +90,8 @@ def test_redacted_hides_every_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     ("SIDECAR_TOKEN_LOOKUP_SQL", "DELETE FROM api_tokens"),
     ("SIDECAR_WEBSOCKET_MAX_MESSAGE", "0"),
     ("SIDECAR_UPSTREAM_POOL_TIMEOUT", "-1"),
+    ("SIDECAR_DATABASE_LISTEN_URL", "mysql://u:p@h/db"),
+    ("SIDECAR_DATABASE_STATEMENT_CACHE_SIZE", "-1"),
 ])
 def test_invalid_values(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
     monkeypatch.setenv("SIDECAR_DATABASE_URL", DSN)

@@ -1,0 +1,88 @@
+"""PgBouncer in transaction pooling mode in front of Postgres (SPEC 3.5, issue 8 acceptance 1,
+first half): with SIDECAR_DATABASE_STATEMENT_CACHE_SIZE=0 and the LISTEN connection going
+straight to Postgres (SIDECAR_DATABASE_LISTEN_URL), lookups, revocation and last_used_at
+writes all work."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+import orjson
+import pytest
+
+from tests.conftest import SCHEMA, SidecarFactory, start_postgres, unavailable
+from tests.helpers import listening, status, within
+from tests.servers import PgBouncerServer, PostgresServer, ServerUnavailable
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[PostgresServer]:
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture(scope="module")
+def pgbouncer(backend: PostgresServer) -> Iterator[PgBouncerServer]:
+    try:
+        server = PgBouncerServer(backend, pool_mode="transaction").start()
+    except ServerUnavailable as exc:
+        unavailable(str(exc))
+        raise
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+async def test_transaction_pooling_with_statement_cache_off_and_direct_listen(
+    backend: PostgresServer, pgbouncer: PgBouncerServer, make_sidecar: SidecarFactory,
+    upstream: Any, http: aiohttp.ClientSession,
+) -> None:
+    conn = await asyncpg.connect(backend.dsn)
+    try:
+        await conn.execute(SCHEMA)
+        rows = await conn.fetch(
+            "INSERT INTO api_tokens (type, token) SELECT 'app', 'pgb-' || g"
+            " FROM generate_series(1, 120) g RETURNING id, token")
+    finally:
+        await conn.close()
+    tokens = {r["token"]: str(r["id"]) for r in rows}
+    sc = await make_sidecar(database_url=pgbouncer.dsn, database_statement_cache_size=0,
+                            database_listen_url=backend.dsn,
+                            upstream_url=str(upstream.make_url("")))
+    await listening(sc)
+    names = sorted(tokens)
+    # Three rounds of 40 concurrent tokens never seen before: every lookup is a statement
+    # through PgBouncer, interleaved on its 4 server connections.
+    for round_ in range(3):
+        batch = names[round_ * 40:(round_ + 1) * 40]
+        assert await asyncio.gather(*(status(http, sc, t) for t in batch)) == [200] * 40
+
+    conn = await asyncpg.connect(backend.dsn)
+    try:
+        revoked = names[0]
+        await conn.execute("DELETE FROM api_tokens WHERE token = $1", revoked)
+
+        async def refused() -> bool:
+            return await status(http, sc, revoked) == 401
+
+        await within(1.0, refused)
+
+        async def written() -> bool:
+            n = await conn.fetchval("SELECT count(*) FROM api_tokens"
+                                    " WHERE last_used_at IS NOT NULL")
+            return bool(n == len(names) - 1)
+
+        await within(10.0, written)
+    finally:
+        await conn.close()
+    async with http.get(sc.ops_url("/readyz")) as r:
+        assert r.status == 200
+        assert orjson.loads(await r.read())["status"] == "ready"

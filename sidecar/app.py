@@ -11,6 +11,8 @@ handed what they use.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -37,6 +39,7 @@ from sidecar.routing import Router
 from sidecar.settings import Settings, listen_dsn
 from sidecar.store import PostgresTokenStore
 from sidecar.subscriptions import PostgresSubscription, RedisSubscriber
+from sidecar.token_filter import DEFAULT_FILTER_SQL, TokenFilter
 from sidecar.workers import multiprocess_dir
 
 log = logging.getLogger("sidecar.app")
@@ -81,6 +84,12 @@ def create_app(
             connect(settings.redis_url.get_secret_value(), settings.redis_timeout), metrics
         )
         redis = RedisCache(guarded)
+    token_filter = None
+    if settings.token_filter and (settings.token_lookup_sql is None
+                                  or settings.token_filter_sql is not None):
+        token_filter = TokenFilter(settings.token_filter_sql or DEFAULT_FILTER_SQL,
+                                   miss_budget=settings.token_filter_miss_budget,
+                                   metrics=metrics, listening=lambda: False)
     authenticator = Authenticator(
         store,
         local=LocalCache(settings.local_cache_size, settings.local_cache_ttl),
@@ -91,6 +100,7 @@ def create_app(
         hashed_storage=settings.token_hash == "sha256",
         lock=lock,
         clock=clock,
+        prefilter=token_filter.admits if token_filter is not None else None,
     )
     forwarder = None
     if settings.upstream_url:
@@ -169,10 +179,29 @@ def create_app(
             await forwarder.close()
 
     async def subscriptions_ctx(_: web.Application) -> AsyncIterator[None]:
-        subs: list[PostgresSubscription | RedisSubscriber] = [PostgresSubscription(
+        rebuild = asyncio.Event()
+
+        async def on_notify(payloads: list[str]) -> None:
+            if token_filter is not None:
+                token_filter.note_payloads(payloads)
+            await invalidator.on_notify(payloads)
+
+        async def on_notify_reconnect() -> None:
+            if token_filter is not None:
+                token_filter.forget()
+                rebuild.set()
+            await invalidator.on_reconnect("notify")
+
+        listen = PostgresSubscription(
             listen_dsn(settings), settings.notify_channel,
-            invalidator.on_notify, lambda: invalidator.on_reconnect("notify"),
-        )]
+            on_notify, on_notify_reconnect)
+        subs: list[PostgresSubscription | RedisSubscriber] = [listen]
+        filter_task = None
+        if token_filter is not None:
+            token_filter.listening = listen.connected.is_set
+            filter_task = asyncio.create_task(
+                token_filter.keep_built(lambda: store.pool, listen.connected, rebuild),
+                name="sidecar-token-filter")
         if guarded is not None:
             subs.append(RedisSubscriber(guarded, PUBSUB_CHANNEL, invalidator.on_pubsub,
                                         lambda: invalidator.on_reconnect("pubsub")))
@@ -180,6 +209,10 @@ def create_app(
             sub.start()
         app[SUBSCRIPTIONS] = subs
         yield
+        if filter_task is not None:
+            filter_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await filter_task
         for sub in subs:
             await sub.close()
 

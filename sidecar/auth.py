@@ -85,8 +85,11 @@ class Authenticator:
         hashed_storage: bool = False,
         lock: LockPolicy | None = None,
         clock: Callable[[], float] = time.time,
+        prefilter: Callable[[str], bool] | None = None,
     ) -> None:
         self.store = store
+        # The unknown-token filter (SPEC 15): False for a digest certainly not stored.
+        self.prefilter = prefilter
         self.local = local
         self.shared = shared
         self.metrics = metrics
@@ -106,13 +109,16 @@ class Authenticator:
         return key_digest(token, self.hashed_storage)
 
     async def authenticate(self, token: str, scope: str) -> Identity:
-        key = cache_key(self.digest(token), scope)
+        digest = self.digest(token)
+        key = cache_key(digest, scope)
         now = self.clock()
         entry = self.local.get(key)
         if entry is not None and entry.fresh(now):
             (self._l1_neg if entry.negative else self._l1_hit).inc()
         else:
             self._l1_miss.inc()
+            if self.prefilter is not None and not self.prefilter(digest):
+                raise InvalidToken()  # no such token is stored: nobody needs asking
             entry = await self._single_flight(key, token, scope, entry)
         return self._decide(entry, scope)
 

@@ -152,6 +152,23 @@ class Metrics:
             "Client connections closed at once: over SIDECAR_MAX_CLIENT_CONNECTIONS on the "
             "main listener, or the ops listener's fixed cap.", ["listener"], registry=self.registry,
         )
+        self.token_filter_answers = Counter(
+            "sidecar_token_filter_answers",
+            "Tokens answered 401 by the unknown-token filter, without a Postgres query.",
+            registry=self.registry,
+        )
+        self.token_filter_rebuilds = Counter(
+            "sidecar_token_filter_rebuilds", "Builds of the unknown-token filter.",
+            registry=self.registry,
+        )
+        self.token_filter_entries = Gauge(
+            "sidecar_token_filter_entries", "Token digests in the unknown-token filter.",
+            registry=self.registry, multiprocess_mode="livemax",
+        )
+        self.token_filter_bytes = Gauge(
+            "sidecar_token_filter_bytes", "Memory of the unknown-token filter's bit array.",
+            registry=self.registry, multiprocess_mode="livemax",
+        )
         for listener in ("main", "ops"):
             self.connections_refused.labels(listener=listener)
 

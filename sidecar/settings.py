@@ -138,6 +138,9 @@ class Settings(BaseSettings):
     client_body_timeout: float = Field(60.0, gt=0)
     max_client_connections: int = Field(10_000, ge=1)
     max_header_bytes: int = Field(32_768, ge=1024, le=1_048_576)
+    token_filter: bool = True
+    token_filter_miss_budget: float = Field(20.0, ge=0)
+    token_filter_sql: str | None = None
 
     # Token store (SPEC 4)
     database_url: SecretStr
@@ -221,7 +224,8 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 16 characters")
         return v
 
-    @field_validator("upstream_url", "upstream_host_header", "token_lookup_sql", mode="before")
+    @field_validator("upstream_url", "upstream_host_header", "token_lookup_sql",
+                     "token_filter_sql", mode="before")
     @classmethod
     def _empty_is_none(cls, v: Any) -> Any:
         return None if isinstance(v, str) and not v.strip() else v

@@ -105,6 +105,11 @@ class _SidecarRequestHandler(RequestHandler):
     limits: ConnectionLimits | None = None
     _refused = False
     _header_bytes = 0
+    # Heads parsed and requests finished: between the two, bytes belong to a message (its
+    # body), not to a next header block. aiohttp's own flags leave a gap: the handler task
+    # of a parsed message may not have started yet when more of its body arrives.
+    _heads = 0
+    _finished = 0
     _header_timer: asyncio.TimerHandle | None = None
     _body_timer: asyncio.TimerHandle | None = None
     _last_data = 0.0
@@ -133,7 +138,8 @@ class _SidecarRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def _waiting_for_headers(self) -> bool:
-        return not self._request_in_progress and not self._messages and not self._upgraded
+        return (self._heads == self._finished and not self._request_in_progress
+                and not self._messages and not self._upgraded)
 
     # Rule 3
     def _arm_header_timer(self) -> None:
@@ -166,6 +172,7 @@ class _SidecarRequestHandler(RequestHandler):
         super().data_received(data)
         if self._request_count != before:
             # A whole header block arrived: the deadline and the count start over.
+            self._heads += self._request_count - before
             self._header_bytes = 0
             if self._header_timer is not None:
                 self._header_timer.cancel()
@@ -190,6 +197,7 @@ class _SidecarRequestHandler(RequestHandler):
         try:
             return await super()._handle_request(request, start_time, request_handler)
         finally:
+            self._finished += 1
             if self._body_timer is not None:
                 self._body_timer.cancel()
                 self._body_timer = None

@@ -25,6 +25,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -184,12 +185,17 @@ async def add_response_headers(request: web.BaseRequest, response: web.StreamRes
 
 def make_proxy_handler(gate: Gate, forwarder: Forwarder) -> Handler:
     async def proxy_handler(request: web.Request) -> web.StreamResponse:
-        raw_path, _, query = request.raw_path.partition("?")
-        if INVALID_TARGET_RE.search(request.raw_path):
+        target = request.raw_path
+        if INVALID_TARGET_RE.search(target):
             # e.g. `/v1/datasets#x`: matched as `/v1/datasets#x` but sent upstream as
             # `/v1/datasets` by any client library that reads `#` as a fragment. Refuse
             # rather than guess.
             raise BadRequest("Invalid characters in the request target")
+        if not target.startswith("/"):
+            target = _origin_form(target)
+        raw_path, _, query = target.partition("?")
+        # The access log names this path: the one judged and forwarded.
+        info_of(request).judged_path = raw_path
         identity = await gate.authorize(request, request.method, raw_path)
         return await forwarder.forward(
             request,
@@ -201,6 +207,18 @@ def make_proxy_handler(gate: Gate, forwarder: Forwarder) -> Handler:
         )
 
     return proxy_handler
+
+
+def _origin_form(target: str) -> str:
+    """The path and query of an absolute-form target (`GET http://host/v1/x`, RFC 9112
+    3.2.2), which is judged and forwarded like `GET /v1/x`; anything else is refused."""
+    try:
+        parts = urlsplit(target)
+    except ValueError:  # e.g. an unclosed IPv6 literal
+        raise BadRequest("Invalid request target") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise BadRequest("Invalid request target")
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 async def not_found(request: web.Request) -> web.StreamResponse:

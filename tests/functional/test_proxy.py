@@ -451,3 +451,26 @@ async def test_full_upstream_pool_answers_504_in_bounded_time(
     assert status == 200
     async with http.get(sc.ops_url("/metrics")) as r:
         assert 'sidecar_upstream_responses_total{status_class="timeout"} 1.0' in await r.text()
+
+
+async def test_absolute_form_target_is_judged_and_forwarded_on_its_path(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any
+) -> None:
+    # RFC 9112 3.2.2: `GET http://host/v1/datasets/x` is the request `GET /v1/datasets/x`,
+    # so it needs the dataset scope, and the upstream sees that path (the access log names it).
+    dataset, _ = await db.add_token("dataset")
+    app_token, _ = await db.add_token("app")
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")), scope_routes=DIFY_ROUTES)
+
+    def request(token: str, target: bytes) -> list[bytes]:
+        return [b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                b"Authorization: Bearer " + token.encode() + b"\r\n\r\n"]
+
+    resp = await exchange(sc.main.port, request(dataset, b"http://x/v1/datasets/x?a=1"))
+    assert resp.status == 200
+    assert resp.json()["raw_path"] == "/v1/datasets/x?a=1"
+    resp = await exchange(sc.main.port, request(app_token, b"http://x/v1/datasets/x"))
+    assert resp.status == 401
+    resp = await exchange(sc.main.port, request(dataset, b"ftp://x/v1/datasets/x"))
+    assert resp.status == 400
+    assert upstream.app[CALLS] == ["/v1/datasets/x"]

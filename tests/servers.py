@@ -273,6 +273,25 @@ class RedisServer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _started_or_raise(proc: subprocess.Popen[bytes], port: int, what: str) -> None:
+    """Until `proc` listens on `port`; if it never does, its stderr in the error."""
+    try:
+        wait_port(port, timeout=10)
+    except TimeoutError:
+        proc.kill()
+        _, err = proc.communicate(timeout=5)
+        raise RuntimeError(f"{what} did not start: {err.decode(errors='replace')}") from None
+
+
+def _terminate(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def nginx_binary() -> str:
     binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx")
                                        else None)
@@ -305,21 +324,11 @@ class NginxServer:
             [self.binary, "-p", str(d), "-c", str(d / "nginx.conf")],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
-        try:
-            wait_port(port, timeout=10)
-        except TimeoutError:
-            self.proc.kill()
-            _, err = self.proc.communicate(timeout=5)
-            raise RuntimeError(f"nginx did not start: {err.decode(errors='replace')}") from None
+        _started_or_raise(self.proc, port, "nginx")
 
     def destroy(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            self.proc = None
+        _terminate(self.proc)
+        self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -389,20 +398,10 @@ class PgBouncerServer:
             shutil.chown(conf, "postgres", "postgres")
         self.proc = subprocess.Popen([*self._as_user, self.binary, str(conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            wait_port(self.port, timeout=10)
-        except TimeoutError:
-            self.proc.kill()
-            _, err = self.proc.communicate(timeout=5)
-            raise RuntimeError(f"pgbouncer did not start: {err.decode(errors='replace')}") from None
+        _started_or_raise(self.proc, self.port, "pgbouncer")
         return self
 
     def destroy(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-            self.proc = None
+        _terminate(self.proc)
+        self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -33,6 +34,7 @@ from tests.servers import NginxServer, ServerUnavailable, free_port
 from tests.upstream import CALLS
 
 TEMPLATE = ROOT / "deploy" / "nginx" / "sidecar.conf.template"
+COMPOSE = ROOT / "deploy" / "compose" / "docker-compose.yml"
 APP = "33333333-3333-3333-3333-333333333333"
 
 
@@ -128,6 +130,18 @@ async def test_valid_token_reaches_upstream_with_identity_from_the_decision(
     ])
     # Dify-style upstreams check the token themselves: Authorization goes through.
     assert ("Authorization", f"Bearer {token}") in [tuple(h) for h in doc["headers"]]
+    seen = {k.lower(): v for k, v in doc["headers"]}
+    assert seen["x-forwarded-host"] == f"127.0.0.1:{front.port}"
+    assert re.fullmatch(r"[0-9a-f]{32}", seen["x-request-id"])  # nginx's own $request_id
+
+
+async def test_request_id_of_the_client_reaches_upstream(front: Front, db: Db) -> None:
+    token, _ = await db.add_token("app", tenant_id=TENANT, app_id=APP)
+    resp = await front.request("GET", "/v1/chat-messages",
+                               [bearer(token), ("X-Request-Id", "req-from-client-1")])
+    assert resp.status == 200
+    ids = [v for k, v in seen_by_upstream(resp)["headers"] if k.lower() == "x-request-id"]
+    assert ids == ["req-from-client-1"]
 
 
 async def test_refusals_have_the_sidecar_status_body_and_challenge(
@@ -308,3 +322,47 @@ async def test_escaped_slash_dot_segments_do_not_open_a_protected_route(
     # "x/../../../public"); the decision must not have let it through without a token.
     assert resp.status == 401
     assert upstream.app[CALLS] == []
+
+
+# --- deploy/compose runs this same template -------------------------------------------
+
+def envsubst(text: str, env: dict[str, str]) -> str:
+    """GNU envsubst with a variable list: `$NAME` and `${NAME}` of the listed names only."""
+    names = "|".join(re.escape(n) for n in env)
+    return re.sub(r"\$(?:\{(" + names + r")\}|(" + names + r")(?![A-Za-z0-9_]))",
+                  lambda m: env[m.group(1) or m.group(2)], text)
+
+
+def test_compose_nginx_is_the_template_with_the_compose_values() -> None:
+    """The compose nginx mounts the template where the official image renders it at start,
+    and its environment fills exactly the template's placeholders: what the tests above run
+    is what compose runs, with other addresses."""
+    service = yaml.safe_load(COMPOSE.read_text())["services"]["nginx"]
+    mounts = [v.rsplit(":", 1)[0] if v.endswith(":ro") else v for v in service["volumes"]]
+    templates = [(src, dst) for src, dst in (m.split(":", 1) for m in mounts)
+                 if dst.startswith("/etc/nginx/templates/")]
+    assert len(templates) == 1, mounts
+    src, dst = templates[0]
+    assert (COMPOSE.parent / src).resolve() == TEMPLATE.resolve()
+    assert dst.endswith(".conf.template")  # rendered to /etc/nginx/conf.d/*.conf
+    assert not [m for m in mounts if ":/etc/nginx/conf.d" in m]  # nothing to drift from
+
+    env = {k: str(v) for k, v in service["environment"].items()}
+    # Compose turns `$$` into `$`; the image's entrypoint renders only the names the
+    # filter matches (awk regex), and nginx's own $variables must not be among them.
+    name_filter = re.compile(env.pop("NGINX_ENVSUBST_FILTER").replace("$$", "$"))
+    placeholders = set(re.findall(r"\$\{([A-Z_]+)\}", TEMPLATE.read_text()))
+    assert set(env) == placeholders
+    assert all(name_filter.search(n) for n in placeholders)
+    assert not [v for v in re.findall(r"\$([A-Za-z_]+)", TEMPLATE.read_text())
+                if name_filter.search(v) and v not in placeholders]
+
+    rendered = envsubst(TEMPLATE.read_text(), env)
+    sidecar, upstream = env["SIDECAR_ADDR"], env["UPSTREAM_ADDR"]
+    assert f"server {sidecar};" in rendered
+    assert f"server {upstream};" in rendered
+    assert f"listen {env['NGINX_PORT']};" in rendered
+    # The same text the tests render, only the addresses differ.
+    ours = render(8000, 1, 2).replace("listen 8000;", f"listen {env['NGINX_PORT']};")
+    ours = ours.replace("127.0.0.1:1;", f"{sidecar};").replace("127.0.0.1:2;", f"{upstream};")
+    assert rendered == ours

@@ -405,3 +405,66 @@ class PgBouncerServer:
         _terminate(self.proc)
         self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _FrontProxyServer:
+    """A front proxy (Caddy, HAProxy) in the foreground, running a shipped configuration file
+    unchanged: its addresses come from environment variables the file reads."""
+
+    what = ""
+
+    def __init__(self, config: Path, env: dict[str, str], port: int) -> None:
+        self.config = config
+        self.port = port
+        self.dir = Path(tempfile.mkdtemp(prefix=f"sidecar-{self.what}-"))
+        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.dir),
+                    **env}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.command(), env=self.env, cwd=self.dir,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _started_or_raise(self.proc, self.port, self.what)
+
+    def destroy(self) -> None:
+        _terminate(self.proc)
+        self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class CaddyServer(_FrontProxyServer):
+    """`caddy run` on a Caddyfile; its state (autosave, certificates) in the temp dir."""
+
+    what = "caddy"
+
+    def __init__(self, config: Path, env: dict[str, str], port: int) -> None:
+        binary = shutil.which("caddy")
+        if not binary:
+            raise ServerUnavailable("caddy not found (install caddy)")
+        self.binary = binary
+        super().__init__(config, env, port)
+        self.env.update(XDG_CONFIG_HOME=str(self.dir / "config"),
+                        XDG_DATA_HOME=str(self.dir / "data"))
+
+    def command(self) -> list[str]:
+        return [self.binary, "run", "--adapter", "caddyfile", "--config", str(self.config)]
+
+
+class HAProxyServer(_FrontProxyServer):
+    """`haproxy -db` (foreground, no daemon, no master) on a configuration file."""
+
+    what = "haproxy"
+
+    def __init__(self, config: Path, env: dict[str, str], port: int) -> None:
+        binary = shutil.which("haproxy") or (
+            "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
+        if not binary:
+            raise ServerUnavailable("haproxy not found (install haproxy)")
+        self.binary = binary
+        super().__init__(config, env, port)
+
+    def command(self) -> list[str]:
+        return [self.binary, "-db", "-f", str(self.config)]

@@ -35,12 +35,25 @@ ensure_system_packages() {
     # The test suite's extra servers: nginx (auth_request) and PgBouncer (SPEC 3.5).
     [ -n "$(nginx_bin)" ] || missing+=(nginx-light)
     command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
+    # The front proxies of deploy/caddy and deploy/haproxy (SPEC 14).
+    command -v caddy >/dev/null 2>&1 || missing+=(caddy)
+    command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
   fi
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    # Their services are not started: the tests run their own servers on free ports, and a
+    # system caddy or haproxy that cannot start (no systemd, a port taken) would otherwise fail
+    # the install. A policy-rc.d already in place (container images ship one) is left alone.
+    local policy=/usr/sbin/policy-rc.d own_policy=
+    if [ ! -e "$policy" ]; then
+      printf '#!/bin/sh\nexit 101\n' | as_root tee "$policy" >/dev/null
+      as_root chmod 755 "$policy"
+      own_policy=1
+    fi
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-      "${missing[@]}" >/dev/null
+      "${missing[@]}" >/dev/null || { [ -z "$own_policy" ] || as_root rm -f "$policy"; return 1; }
+    [ -z "$own_policy" ] || as_root rm -f "$policy"
   fi
   # The Debian packages try to start system-wide services; we never use them.
   pg_bindir >/dev/null || { say "PostgreSQL binaries still missing"; return 1; }

@@ -231,7 +231,12 @@ async def test_refusals_carry_the_sidecar_status_challenge_and_body(
     front: Front, decision: Start, upstream: TestServer, db: Db
 ) -> None:
     await decision()
-    for headers, message in (([bearer("app-not-a-token")], MSG_INVALID), ([], MSG_MISSING)):
+    token, _ = await db.add_token("app", tenant_id=TENANT, app_id=APP)
+    cases = [([bearer("app-not-a-token")], MSG_INVALID), ([], MSG_MISSING),
+             # Two Authorization headers are refused even when one is valid (SPEC 3.1): the
+             # proxy must hand both to the sidecar, not pick one.
+             ([bearer(token), bearer("app-not-a-token")], MSG_MISSING)]
+    for headers, message in cases:
         resp = await front.request("GET", "/v1/chat-messages", [*FORGED, *headers])
         assert resp.status == 401, headers
         assert resp.headers.getall("WWW-Authenticate") == ['Bearer realm="api"']

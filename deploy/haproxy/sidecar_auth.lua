@@ -4,7 +4,9 @@
 -- Rules that hold here:
 -- 1. Only a 200 answer lets the request through; it then carries the identity headers of the
 --    answer and no others (haproxy.cfg deleted every client spelling before this runs).
--- 2. Any other answer goes to the client as the sidecar gave it: status, JSON body and the
+-- 2. A request this action did not allow is not forwarded: haproxy.cfg refuses any request
+--    without txn.sidecar_allowed, which only a 200 sets (a Lua error must not let one pass).
+-- 3. Any other answer goes to the client as the sidecar gave it: status, JSON body and the
 --    headers a client needs (WWW-Authenticate, Retry-After, RateLimit-*). No answer at all
 --    (sidecar down, timeout) is 503 auth_unavailable: fail closed.
 
@@ -55,6 +57,8 @@ local function decide(txn, url, timeout_ms)
             local v = values(answer, name)
             if #v > 0 then txn.http:req_set_header(name, v[1]) end
         end
+        -- haproxy.cfg lets through only requests marked here: a Lua error is no allow.
+        txn:set_var("txn.sidecar_allowed", true)
         return
     end
     local headers = {}
@@ -65,7 +69,7 @@ local function decide(txn, url, timeout_ms)
     txn:done(txn:reply{ status = status, headers = headers, body = res.body or "" })
 end
 
--- http-request lua.sidecar_auth <decision url> [<timeout ms>]
+-- http-request lua.sidecar_auth <decision url> <timeout ms>
 core.register_action("sidecar_auth", { "http-req" }, function(txn, url, timeout)
     decide(txn, url, tonumber(timeout) or 2000)
 end, 2)

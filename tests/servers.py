@@ -409,14 +409,20 @@ class PgBouncerServer:
 
 class _FrontProxyServer:
     """A front proxy (Caddy, HAProxy) in the foreground, running a shipped configuration file
-    unchanged: its addresses come from environment variables the file reads."""
+    unchanged: its addresses come from environment variables the file reads (`env`, which
+    must put the proxy on `port`)."""
 
     what = ""
 
-    def __init__(self, config: Path, env: dict[str, str], port: int) -> None:
+    def __init__(self, config: Path, env: dict[str, str], *, port: int | None = None,
+                 directory: Path | None = None) -> None:
         self.config = config
-        self.port = port
-        self.dir = Path(tempfile.mkdtemp(prefix=f"sidecar-{self.what}-"))
+        self.port = port or free_port()
+        if directory is None:
+            self.dir = Path(tempfile.mkdtemp(prefix=f"sidecar-{self.what}-"))
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.dir = directory
         self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.dir),
                     **env}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -429,10 +435,15 @@ class _FrontProxyServer:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         _started_or_raise(self.proc, self.port, self.what)
 
-    def destroy(self) -> None:
+    def stop(self) -> None:
         _terminate(self.proc)
         self.proc = None
-        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def destroy(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class CaddyServer(_FrontProxyServer):
@@ -440,12 +451,13 @@ class CaddyServer(_FrontProxyServer):
 
     what = "caddy"
 
-    def __init__(self, config: Path, env: dict[str, str], port: int) -> None:
+    def __init__(self, config: Path, env: dict[str, str], *, port: int | None = None,
+                 directory: Path | None = None) -> None:
         binary = shutil.which("caddy")
         if not binary:
             raise ServerUnavailable("caddy not found (install caddy)")
         self.binary = binary
-        super().__init__(config, env, port)
+        super().__init__(config, env, port=port, directory=directory)
         self.env.update(XDG_CONFIG_HOME=str(self.dir / "config"),
                         XDG_DATA_HOME=str(self.dir / "data"))
 
@@ -458,13 +470,14 @@ class HAProxyServer(_FrontProxyServer):
 
     what = "haproxy"
 
-    def __init__(self, config: Path, env: dict[str, str], port: int) -> None:
+    def __init__(self, config: Path, env: dict[str, str], *, port: int | None = None,
+                 directory: Path | None = None) -> None:
         binary = shutil.which("haproxy") or (
             "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
         if not binary:
             raise ServerUnavailable("haproxy not found (install haproxy)")
         self.binary = binary
-        super().__init__(config, env, port)
+        super().__init__(config, env, port=port, directory=directory)
 
     def command(self) -> list[str]:
         return [self.binary, "-db", "-f", str(self.config)]

@@ -84,10 +84,10 @@ def _start(kind: str, ports: Ports) -> CaddyServer | HAProxyServer:
     server: CaddyServer | HAProxyServer
     if kind == "caddy":
         server = CaddyServer(CADDYFILE, {**addresses, "CADDY_PORT": str(port),
-                                         "CADDY_ADMIN": "off"}, port)
+                                         "CADDY_ADMIN": "off"}, port=port)
     else:
         server = HAProxyServer(HAPROXY_CFG, {**addresses, "HAPROXY_BIND": f"127.0.0.1:{port}"},
-                               port)
+                               port=port)
     server.start()
     return server
 

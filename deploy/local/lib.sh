@@ -35,6 +35,8 @@ ensure_system_packages() {
     # The test suite's extra servers: nginx (auth_request) and PgBouncer (SPEC 3.5).
     [ -n "$(nginx_bin)" ] || missing+=(nginx-light)
     command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
+    # promtool (checks and unit-tests deploy/prometheus/alerts.yml) comes with Prometheus.
+    command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
   fi
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"

@@ -7,11 +7,11 @@ Rules that hold here:
 2. After a reconnect, `on_reconnect` runs first: messages sent while we were away are lost,
    so the owner must assume everything changed (the Invalidator clears L1 and, after a
    NOTIFY gap, stops trusting L2 entries written before the reconnect).
-3. `connected` (an Event) and the `sidecar_subscription_connected{subscription}` gauge change
-   together, in `_set_connected`, so alerts see what readiness sees.
-4. Messages are handled in arrival order by a single consumer task. LISTEN hands over every
+3. Messages are handled in arrival order by a single consumer task. LISTEN hands over every
    notification already queued at once (up to `MAX_BATCH`), so a bulk change of many rows is
    handled in a few batches instead of one round trip per row.
+4. `connected` (an Event) and the `sidecar_subscription_connected{subscription}` gauge change
+   together, in `_set_connected`, so alerts see what readiness sees.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class _Subscription:
                        if metrics is not None else None)
 
     def _set_connected(self, connected: bool) -> None:
-        """Rule 3."""
+        """Rule 4."""
         if connected:
             self.connected.set()
         else:

@@ -6,12 +6,12 @@ Rules that hold here:
 2. Metrics go through Prometheus multiprocess mode: the parent points
    PROMETHEUS_MULTIPROC_DIR at an empty directory before forking, so every worker's values
    land in files that any worker's /metrics adds up.
-3. Each worker knows its index; worker 0 counts the events every worker receives (a NOTIFY,
-   sidecar.invalidation rule 5), so they are counted once. Worker 0 lives as long as the
-   group does (rule 4).
-4. A worker that dies on its own takes the group down (exit 1): the orchestrator restarts the
+3. A worker that dies on its own takes the group down (exit 1): the orchestrator restarts the
    pod, rather than it running silently with fewer workers. SIGTERM/SIGINT go to every
    worker, which shut down gracefully; the parent exits 0 when all of them did.
+4. Each worker knows its index; worker 0 counts the events every worker receives (a NOTIFY,
+   sidecar.invalidation rule 5), so they are counted once. Worker 0 lives as long as the
+   group does (rule 3).
 """
 
 from __future__ import annotations

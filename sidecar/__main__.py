@@ -66,7 +66,7 @@ def raise_fd_limit(connections: int) -> None:
                     extra={"fields": {"nofile": soft, "needed": needed}})
 
 
-async def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
+async def _serve(settings: Settings, *, reuse_port: bool = False, worker: int = 0) -> None:
     from sidecar.app import METRICS, create_app, create_ops_app
     from sidecar.eventloop import resolve
     from sidecar.logs import access_logger_class, stdout_access_log
@@ -81,7 +81,7 @@ async def _serve(settings: Settings, *, reuse_port: bool = False) -> None:
         log.error(str(exc), extra={"fields": {"setting": exc.setting, "address": exc.address}})
         raise SystemExit(1) from None
 
-    app = create_app(settings)
+    app = create_app(settings, worker=worker)
     access_log = stdout_access_log(settings.access_log)
     logging_kwargs: dict[str, Any] = (
         {"access_log": None} if access_log is None
@@ -143,8 +143,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     from sidecar.workers import run_workers
 
-    def work() -> int:
-        run(_serve(settings, reuse_port=True), settings.event_loop)
+    def work(index: int) -> int:
+        run(_serve(settings, reuse_port=True, worker=index), settings.event_loop)
         return 0
 
     return run_workers(args.workers, work)

@@ -64,9 +64,11 @@ def create_app(
     registry: CollectorRegistry | None = None,
     lock: LockPolicy | None = None,
     clock: Callable[[], float] = time.time,
+    worker: int = 0,
 ) -> web.Application:
     """The main Application; `lock` and `clock` are for tests (cross-replica lock pacing,
-    the wall clock cache deadlines are read from)."""
+    the wall clock cache deadlines are read from). `worker`: this process's index under
+    `serve --workers N`; worker 0 counts what every worker receives (a NOTIFY)."""
     metrics = Metrics(registry, multiprocess_dir=multiprocess_dir(), scopes=settings.scopes)
     store = PostgresTokenStore(
         settings.database_url.get_secret_value(),
@@ -125,7 +127,8 @@ def create_app(
         metrics=metrics,
         handoff=RedisLastUsedHandoff(guarded) if guarded is not None else None,
     )
-    invalidator = Invalidator(authenticator, redis, settings.scopes, metrics)
+    invalidator = Invalidator(authenticator, redis, settings.scopes, metrics,
+                              counts_broadcasts=worker == 0)
     limiter = RateLimiter(
         per_token=settings.rate_limit,
         per_tenant=settings.tenant_rate_limit,
@@ -194,7 +197,7 @@ def create_app(
 
         listen = PostgresSubscription(
             listen_dsn(settings), settings.notify_channel,
-            on_notify, on_notify_reconnect)
+            on_notify, on_notify_reconnect, metrics=metrics)
         subs: list[PostgresSubscription | RedisSubscriber] = [listen]
         filter_task = None
         if token_filter is not None:
@@ -204,7 +207,8 @@ def create_app(
                 name="sidecar-token-filter")
         if guarded is not None:
             subs.append(RedisSubscriber(guarded, PUBSUB_CHANNEL, invalidator.on_pubsub,
-                                        lambda: invalidator.on_reconnect("pubsub")))
+                                        lambda: invalidator.on_reconnect("pubsub"),
+                                        metrics=metrics))
         for sub in subs:
             sub.start()
         app[SUBSCRIPTIONS] = subs

@@ -12,6 +12,10 @@ Rules that hold here:
    made (Redis down), or notifications that may have been lost (LISTEN reconnected), make
    this replica distrust every L2 entry written before that moment: they would otherwise
    bring a revoked token back for the rest of their TTL once Redis answers again.
+5. With `serve --workers N` every worker hears each NOTIFY and each pub/sub message, and
+   acts on it (each has its own L1); only one worker counts them (`counts_broadcasts`), so
+   `sidecar_invalidations_total` says how many changes there were, not N times that.
+   Reconnects are per connection, so every worker counts its own.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from sidecar.rediscache import RedisCache
 log = logging.getLogger("sidecar.invalidation")
 
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+# What every worker of a `serve --workers N` group receives (rule 5).
+BROADCAST_SOURCES = frozenset({"notify", "notify_malformed", "pubsub", "pubsub_malformed"})
 
 
 class Invalidator:
@@ -40,14 +46,19 @@ class Invalidator:
         redis: RedisCache | None,
         scopes: frozenset[str],
         metrics: Metrics,
+        *,
+        counts_broadcasts: bool = True,
     ) -> None:
         self.auth = auth
         self.redis = redis
         self.scopes = scopes
         self.metrics = metrics
+        self.counts_broadcasts = counts_broadcasts
 
-    def _count(self, source: str) -> None:
-        self.metrics.invalidations.labels(source=source).inc()
+    def _count(self, source: str, amount: int = 1) -> None:
+        if source in BROADCAST_SOURCES and not self.counts_broadcasts:
+            return  # rule 5: another worker counts it
+        self.metrics.invalidations.labels(source=source).inc(amount)
 
     def _shared_missed(self) -> None:
         self.auth.distrust_shared_before(time.time())
@@ -88,7 +99,7 @@ class Invalidator:
         for payload in payloads:
             items = _parse(payload)
             if not isinstance(items, list):
-                self.metrics.invalidations.labels(source="notify_malformed").inc()
+                self._count("notify_malformed")
                 log.warning("ignored a malformed invalidation notification")
                 continue
             for item in items:
@@ -112,7 +123,7 @@ class Invalidator:
             if not await self.redis.delete(*keys):
                 self._shared_missed()
             self._forget(changes)  # rule 4
-        self.metrics.invalidations.labels(source=source).inc(len(changes))
+        self._count(source, len(changes))
 
     def _forget(self, changes: set[tuple[str, str | None]]) -> None:
         for digest, scope in changes:
@@ -122,7 +133,7 @@ class Invalidator:
         """A message another replica (or this one) published after an admin invalidation."""
         item = _parse(data)
         if not isinstance(item, dict):
-            self.metrics.invalidations.labels(source="pubsub_malformed").inc()
+            self._count("pubsub_malformed")
             return
         digest, scope, tenant = item.get("d"), item.get("s"), item.get("t")
         if isinstance(digest, str) and _DIGEST_RE.match(digest):
@@ -130,7 +141,7 @@ class Invalidator:
         elif isinstance(tenant, str):
             self.auth.forget_tenant(tenant)
         else:
-            self.metrics.invalidations.labels(source="pubsub_malformed").inc()
+            self._count("pubsub_malformed")
             return
         self._count("pubsub")
 

@@ -6,15 +6,34 @@ Rules that hold here:
 2. Every labelled series whose label values are known is created at start, at 0 (SPEC 10), so
    the first error shows in `rate()` and `increase()`; the sets are the ones below and the
    `Outcome` enum, and code that counts a new value adds it here.
+3. No `*_created` series (SPEC 10): they double the series count and no dashboard or alert
+   reads them. `prometheus_client.disable_created_metrics()` is process-wide; it is called
+   where a registry is built, here.
+4. `process_*` and `python_*` come from prometheus-client's own collectors. With
+   `serve --workers N` (multiprocess mode) prometheus-client can only describe the process
+   that answers the scrape: `process_*` is then that one worker's (memory, CPU, open fds),
+   not the pod's. For memory against the pod limit use the container's own metric
+   (`container_memory_working_set_bytes`) whenever there is more than one worker.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client import multiprocess as _multiprocess
 
+from sidecar import __version__
 from sidecar.outcomes import Outcome
 
 # Auth decisions on the hot path are tens of microseconds; a store round trip is milliseconds.
@@ -35,6 +54,9 @@ REDIS_OPS = ("get", "set", "delete", "delete_tenant", "delete_all", "lock", "unl
 UPSTREAM_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "connect_error", "timeout")
 INVALIDATION_SOURCES = ("notify", "pubsub", "admin", "notify_malformed", "pubsub_malformed",
                         "notify_reconnect", "pubsub_reconnect")
+# The Postgres LISTEN always runs; the Redis subscriber's series is created with it (no Redis,
+# no series: a 0 there would read as "disconnected").
+LISTEN_SUBSCRIPTION = "postgres-listen"
 
 
 class Metrics:
@@ -42,9 +64,11 @@ class Metrics:
         self, registry: CollectorRegistry | None = None, *, multiprocess_dir: str | None = None,
         scopes: frozenset[str] = frozenset(),
     ) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # rule 3
         self.registry = registry if registry is not None else CollectorRegistry()
         # Set with `serve --workers N`: /metrics then adds up every worker's files.
         self.multiprocess_dir = multiprocess_dir
+        self._scrape_registry: CollectorRegistry | None = None
         # labels() takes a lock and builds a tuple each call; the hot path asks for the same
         # few children every request, so they are kept here (label sets are small and fixed).
         self._children: dict[tuple[str, ...], Any] = {}
@@ -125,6 +149,20 @@ class Metrics:
             "Redis for another sidecar.", registry=r,
         )
 
+        self.build_info = Gauge(
+            "sidecar_build_info", "Always 1; the label says which version runs.", ["version"],
+            registry=r, multiprocess_mode="max",  # one series, however many workers
+        )
+        self.build_info.labels(version=__version__).set(1)
+        self.subscription_connected = Gauge(
+            "sidecar_subscription_connected",
+            "1 while the subscription is connected, else 0: postgres-listen (invalidations by "
+            "NOTIFY), redis-subscribe (invalidations by pub/sub).", ["subscription"],
+            registry=r, multiprocess_mode="livemin",  # any worker disconnected shows as 0
+        )
+        if not multiprocess_dir:
+            _add_runtime_collectors(r)  # rule 4; in multiprocess mode: exposition()
+
         self._create_known_series(scopes)
 
     def _create_known_series(self, scopes: frozenset[str]) -> None:
@@ -146,6 +184,7 @@ class Metrics:
             self.upstream_responses.labels(status_class=status_class)
         for source in INVALIDATION_SOURCES:
             self.invalidations.labels(source=source)
+        self.subscription_connected.labels(subscription=LISTEN_SUBSCRIPTION)
 
         self.connections_refused = Counter(
             "sidecar_client_connections_refused",
@@ -192,6 +231,19 @@ class Metrics:
         path = self.multiprocess_dir
         if not path:
             return bytes(generate_latest(self.registry))
-        registry = CollectorRegistry()
-        _multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
-        return bytes(generate_latest(registry))
+        if self._scrape_registry is None:
+            # The collector reads the files at each scrape, so one registry serves them all.
+            registry = CollectorRegistry()
+            _multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
+                registry, path=path)
+            _add_runtime_collectors(registry)  # rule 4: this worker's only
+            self._scrape_registry = registry
+        return bytes(generate_latest(self._scrape_registry))
+
+
+def _add_runtime_collectors(registry: CollectorRegistry) -> None:
+    """`process_*` (memory, CPU, fds, start time), `python_info` and `python_gc_*`, from
+    prometheus-client's own collectors (rule 4)."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)  # registers itself on CPython only

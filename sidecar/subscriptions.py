@@ -10,6 +10,8 @@ Rules that hold here:
 3. Messages are handled in arrival order by a single consumer task. LISTEN hands over every
    notification already queued at once (up to `MAX_BATCH`), so a bulk change of many rows is
    handled in a few batches instead of one round trip per row.
+4. `connected` (an Event) and the `sidecar_subscription_connected{subscription}` gauge change
+   together, in `_set_connected`, so alerts see what readiness sees.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from redis.exceptions import RedisError
 from sidecar.backoff import Backoff
 
 if TYPE_CHECKING:
+    from sidecar.metrics import Metrics
     from sidecar.redisclient import GuardedRedis
 
 log = logging.getLogger("sidecar.subscriptions")
@@ -53,11 +56,23 @@ def _describe(exc: BaseException) -> str:
 class _Subscription:
     name = "subscription"
 
-    def __init__(self, on_reconnect: OnReconnect) -> None:
+    def __init__(self, on_reconnect: OnReconnect, metrics: Metrics | None = None) -> None:
         self.on_reconnect = on_reconnect
         self.connected = asyncio.Event()
         self.connects = 0
         self._task: asyncio.Task[None] | None = None
+        # Created at 0 now: "not connected yet" shows from the start (metrics rule 2).
+        self._gauge = (metrics.subscription_connected.labels(subscription=self.name)
+                       if metrics is not None else None)
+
+    def _set_connected(self, connected: bool) -> None:
+        """Rule 4."""
+        if connected:
+            self.connected.set()
+        else:
+            self.connected.clear()
+        if self._gauge is not None:
+            self._gauge.set(1 if connected else 0)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"sidecar-{self.name}")
@@ -68,6 +83,7 @@ class _Subscription:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self._set_connected(False)
 
     async def _run(self) -> None:
         backoff = Backoff(base=RECONNECT_BASE, cap=RECONNECT_CAP)
@@ -81,7 +97,7 @@ class _Subscription:
                 # not news (they come every RECONNECT_CAP seconds).
                 level = logging.WARNING if backoff.failures == 0 else logging.DEBUG
                 log.log(level, "%s lost: %s", self.name, _describe(exc))
-            self.connected.clear()
+            self._set_connected(False)
             await asyncio.sleep(backoff.next_delay())
 
     async def _connected(self, backoff: Backoff) -> None:
@@ -90,7 +106,7 @@ class _Subscription:
         self.connects += 1
         if self.connects > 1:
             await self.on_reconnect()
-        self.connected.set()
+        self._set_connected(True)
         log.info("%s connected%s", self.name, f" after {retries} retries" if retries else "")
 
     async def _session(self, backoff: Backoff) -> None:
@@ -104,9 +120,9 @@ class PostgresSubscription(_Subscription):
 
     def __init__(
         self, dsn: str, channel: str, on_messages: OnMessages, on_reconnect: OnReconnect,
-        *, health_interval: float = 2.0, timeout: float = 5.0,
+        *, health_interval: float = 2.0, timeout: float = 5.0, metrics: Metrics | None = None,
     ) -> None:
-        super().__init__(on_reconnect)
+        super().__init__(on_reconnect, metrics)
         self.on_messages = on_messages
         self.dsn, self.channel = dsn, channel
         self.health_interval, self.timeout = health_interval, timeout
@@ -146,9 +162,9 @@ class RedisSubscriber(_Subscription):
 
     def __init__(
         self, redis: GuardedRedis, channel: str, on_message: OnMessage,
-        on_reconnect: OnReconnect,
+        on_reconnect: OnReconnect, *, metrics: Metrics | None = None,
     ) -> None:
-        super().__init__(on_reconnect)
+        super().__init__(on_reconnect, metrics)
         self.on_message = on_message
         self.redis, self.channel = redis, channel
 

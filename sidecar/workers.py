@@ -9,6 +9,9 @@ Rules that hold here:
 3. A worker that dies on its own takes the group down (exit 1): the orchestrator restarts the
    pod, rather than it running silently with fewer workers. SIGTERM/SIGINT go to every
    worker, which shut down gracefully; the parent exits 0 when all of them did.
+4. Each worker knows its index; worker 0 counts the events every worker receives (a NOTIFY,
+   sidecar.invalidation rule 5), so they are counted once. Worker 0 lives as long as the
+   group does (rule 3).
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ def prepare_multiprocess_dir() -> tuple[str, bool]:
     return path, True
 
 
-def run_workers(count: int, work: Callable[[], int]) -> int:
+def run_workers(count: int, work: Callable[[int], int]) -> int:
+    """Fork `count` workers, each running `work(index)` (index 0..count-1), and wait."""
     path, created = prepare_multiprocess_dir()
     children: dict[int, int] = {}
     stopping = False
@@ -71,7 +75,7 @@ def run_workers(count: int, work: Callable[[], int]) -> int:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 code = 1
                 try:
-                    code = work()
+                    code = work(index)
                 finally:
                     os._exit(code)
             children[pid] = index

@@ -38,6 +38,8 @@ ensure_system_packages() {
     # The front proxies of deploy/caddy and deploy/haproxy (SPEC 14).
     command -v caddy >/dev/null 2>&1 || missing+=(caddy)
     command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+    # promtool (checks and unit-tests deploy/prometheus/alerts.yml) comes with Prometheus.
+    command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
   fi
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"

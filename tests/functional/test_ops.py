@@ -14,9 +14,10 @@ import aiohttp
 import orjson
 import pytest
 
+from sidecar import __version__
 from sidecar.outcomes import Outcome
 from tests.conftest import Db, SidecarFactory
-from tests.helpers import exchange, scrape, scraped
+from tests.helpers import exchange, scrape, scraped, within
 from tests.helpers import families as parse_families
 from tests.servers import PG_PASSWORD, PostgresServer, free_port
 
@@ -45,7 +46,8 @@ async def test_metrics_parse_and_leak_nothing(
             assert r.headers["Content-Type"].startswith("text/plain")
             text = await r.text()
     families = parse_families(text)
-    assert all(name.startswith("sidecar_") for name in families)
+    # Ours are sidecar_*; process_* and python_* are prometheus-client's runtime collectors.
+    assert all(name.startswith(("sidecar_", "process_", "python_")) for name in families)
     outcomes = {(s.labels["outcome"], s.labels["scope"]): s.value
                 for s in families["sidecar_requests"].samples if s.name.endswith("_total")}
     assert outcomes[("allowed", "app")] == 1
@@ -243,6 +245,41 @@ async def test_known_series_exist_at_zero_from_the_start(
     assert scraped(found, "sidecar_redis_errors_total", {"op": "ratelimit"}) == 0
     assert scraped(found, "sidecar_upstream_responses_total", {"status_class": "5xx"}) == 0
     assert scraped(found, "sidecar_invalidations_total", {"source": "notify"}) == 0
+
+
+async def test_runtime_and_build_metrics_and_no_created_series(
+    make_sidecar: SidecarFactory, http: aiohttp.ClientSession,
+) -> None:
+    # SPEC 10: process memory (against the pod limit) and the running version are exposed;
+    # counters carry no *_created twin series.
+    sc = await make_sidecar()
+    found = await scrape(http, sc.ops_url("/metrics"))
+    assert scraped(found, "process_resident_memory_bytes") > 10_000_000
+    assert scraped(found, "process_open_fds") > 0
+    assert scraped(found, "sidecar_build_info", {"version": __version__}) == 1
+    assert "python_info" in found
+    names = {s.name for f in found.values() for s in f.samples}
+    assert "sidecar_requests_total" in names
+    assert not [n for n in names if n.endswith("_created")]
+
+
+async def test_subscription_connected_gauge(
+    make_sidecar: SidecarFactory, http: aiohttp.ClientSession, redis_url: str,
+) -> None:
+    # The gauge the LISTEN-down alert reads follows the subscriptions' connected state.
+    sc = await make_sidecar(redis_url=redis_url)
+
+    async def connected() -> bool:
+        found = await scrape(http, sc.ops_url("/metrics"))
+        return all(scraped(found, "sidecar_subscription_connected", {"subscription": name}) == 1
+                   for name in ("postgres-listen", "redis-subscribe"))
+
+    await within(10, connected)
+    bare = await make_sidecar()  # no Redis: no redis-subscribe series that reads as "down"
+    found = await scrape(http, bare.ops_url("/metrics"))
+    subscriptions = {s.labels["subscription"]
+                     for s in found["sidecar_subscription_connected"].samples}
+    assert subscriptions == {"postgres-listen"}
 
 
 @pytest.mark.parametrize("credential", [b"Bearer \xff\xfe", b"Bearer " + ADMIN.encode() + b"\xff",

@@ -9,13 +9,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from typing import IO, Any
 
 import aiohttp
 
+from sidecar import __version__
 from tests.conftest import Db
+from tests.helpers import always, scrape, scraped, within
 from tests.helpers import families as parse_families
 from tests.servers import free_port, wait_port
+from tests.workers import serve_workers, workers_env
 
 
 def _count(log: IO[bytes], needle: str) -> int:
@@ -71,3 +75,44 @@ async def test_workers_share_ports_and_aggregate_metrics(db: Db, upstream: Any) 
             pids.add(int(line.split('"pid":', 1)[1].split(",", 1)[0]))
     assert len(pids) == 2, f"requests were served by {pids}"
     assert token not in output
+
+
+async def test_a_notify_is_counted_once_with_two_workers(db: Db, upstream: Any) -> None:
+    # Every worker LISTENs and drops the token from its own L1, but the change is one change
+    # (SPEC 10): sidecar_invalidations_total{source="notify"} must say 1, not 2.
+    token, row_id = await db.add_token("app")
+    port, ops_port = free_port(), free_port()
+    env = workers_env(listen=f"127.0.0.1:{port}", ops_listen=f"127.0.0.1:{ops_port}",
+                      database_url=db.dsn, upstream_url=str(upstream.make_url("")))
+    metrics_url = f"http://127.0.0.1:{ops_port}/metrics"
+    async with serve_workers(env, 2) as workers, aiohttp.ClientSession() as http:
+
+        async def both_listening() -> bool:
+            # livemin over the workers: 1 only once each worker's LISTEN is up.
+            found = await scrape(http, metrics_url)
+            return scraped(found, "sidecar_subscription_connected",
+                           {"subscription": "postgres-listen"}) == 1
+
+        async def notified() -> float:
+            found = await scrape(http, metrics_url)
+            assert not any(s.name.endswith("_created")
+                           for f in found.values() for s in f.samples)
+            return scraped(found, "sidecar_invalidations_total", {"source": "notify"})
+
+        await within(20, both_listening)
+        assert await notified() == 0
+        await db.conn.execute("DELETE FROM api_tokens WHERE id = $1::uuid", row_id)
+        await within(10, lambda: _truthy(notified()))
+        # Both workers got the NOTIFY within milliseconds; a second count would show here.
+        await always(1.5, lambda: _equals(notified(), 1))
+        assert scraped(await scrape(http, metrics_url), "sidecar_build_info",
+                       {"version": __version__}) == 1
+    assert token not in workers.output()
+
+
+async def _truthy(value: Awaitable[float]) -> bool:
+    return bool(await value)
+
+
+async def _equals(value: Awaitable[float], expected: float) -> bool:
+    return await value == expected

@@ -68,8 +68,10 @@ def create_app(
     """The main Application; `lock` and `clock` are for tests (cross-replica lock pacing,
     the wall clock cache deadlines are read from)."""
     metrics = Metrics(registry, multiprocess_dir=multiprocess_dir(), scopes=settings.scopes)
+    read_url = settings.database_read_url
     store = PostgresTokenStore(
         settings.database_url.get_secret_value(),
+        read_dsn=read_url.get_secret_value() if read_url is not None else None,
         metrics=metrics,
         pool_size=settings.database_pool_size,
         timeout=settings.database_timeout,
@@ -126,6 +128,26 @@ def create_app(
         handoff=RedisLastUsedHandoff(guarded) if guarded is not None else None,
     )
     invalidator = Invalidator(authenticator, redis, settings.scopes, metrics)
+    rebuild = asyncio.Event()  # the token filter is rebuilt after a LISTEN gap
+
+    async def on_notify(payloads: list[str]) -> None:
+        if token_filter is not None:
+            token_filter.note_payloads(payloads)
+        await invalidator.on_notify(payloads)
+
+    async def on_notify_reconnect() -> None:
+        if token_filter is not None:
+            token_filter.forget()
+            rebuild.set()
+        await invalidator.on_reconnect("notify")
+
+    async def self_test_notify(channel: str, payload: str) -> None:
+        # Over the primary pool, not the LISTEN connection (sidecar.subscriptions rule 4).
+        await store.pool.execute("SELECT pg_notify($1, $2)", channel, payload)
+
+    listen = PostgresSubscription(
+        listen_dsn(settings), settings.notify_channel, on_notify, on_notify_reconnect,
+        timeout=settings.database_timeout, notify=self_test_notify)
     limiter = RateLimiter(
         per_token=settings.rate_limit,
         per_tenant=settings.tenant_rate_limit,
@@ -152,7 +174,8 @@ def create_app(
         app[FORWARDER] = forwarder
     app[OPS_APP] = build_ops_app(
         metrics=metrics,
-        readiness=Readiness(store, redis, forwarder),
+        readiness=Readiness(store, redis, forwarder, listen=listen,
+                            last_used=last_used if settings.last_used_table else None),
         invalidator=invalidator,
         admin_token=settings.admin_token,
     )
@@ -179,25 +202,10 @@ def create_app(
             await forwarder.close()
 
     async def subscriptions_ctx(_: web.Application) -> AsyncIterator[None]:
-        rebuild = asyncio.Event()
-
-        async def on_notify(payloads: list[str]) -> None:
-            if token_filter is not None:
-                token_filter.note_payloads(payloads)
-            await invalidator.on_notify(payloads)
-
-        async def on_notify_reconnect() -> None:
-            if token_filter is not None:
-                token_filter.forget()
-                rebuild.set()
-            await invalidator.on_reconnect("notify")
-
-        listen = PostgresSubscription(
-            listen_dsn(settings), settings.notify_channel,
-            on_notify, on_notify_reconnect)
         subs: list[PostgresSubscription | RedisSubscriber] = [listen]
         filter_task = None
         if token_filter is not None:
+            # `connected`: LISTEN verified delivering by its self-test (subscriptions rule 4).
             token_filter.listening = listen.connected.is_set
             filter_task = asyncio.create_task(
                 token_filter.keep_built(lambda: store.pool, listen.connected, rebuild),

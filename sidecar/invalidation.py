@@ -27,6 +27,7 @@ from sidecar.auth import Authenticator
 from sidecar.cache import cache_key
 from sidecar.metrics import Metrics
 from sidecar.rediscache import RedisCache
+from sidecar.subscriptions import is_self_test
 
 log = logging.getLogger("sidecar.invalidation")
 
@@ -86,6 +87,8 @@ class Invalidator:
         changes: set[tuple[str, str | None]] = set()
         everything = False
         for payload in payloads:
+            if is_self_test(payload):
+                continue  # a LISTEN self-test (sidecar.subscriptions rule 5), not a change
             items = _parse(payload)
             if not isinstance(items, list):
                 self.metrics.invalidations.labels(source="notify_malformed").inc()

@@ -53,6 +53,7 @@ LAST_USED = web.AppKey("sidecar.last_used", LastUsedQueue)
 # Only in proxy mode.
 FORWARDER = web.AppKey("sidecar.forwarder", Forwarder)
 OPS_APP = web.AppKey("sidecar.ops_app", web.Application)
+STORE = web.AppKey("sidecar.store", PostgresTokenStore)
 SUBSCRIPTIONS = web.AppKey("sidecar.subscriptions", list[PostgresSubscription | RedisSubscriber])
 
 __all__ = ["FORWARDER", "LAST_USED", "METRICS", "create_app", "create_ops_app"]
@@ -127,7 +128,8 @@ def create_app(
         metrics=metrics,
         handoff=RedisLastUsedHandoff(guarded) if guarded is not None else None,
     )
-    invalidator = Invalidator(authenticator, redis, settings.scopes, metrics)
+    invalidator = Invalidator(authenticator, redis, settings.scopes, metrics,
+                              on_change=store.changed)
     rebuild = asyncio.Event()  # the token filter is rebuilt after a LISTEN gap
 
     async def on_notify(payloads: list[str]) -> None:
@@ -136,6 +138,7 @@ def create_app(
         await invalidator.on_notify(payloads)
 
     async def on_notify_reconnect() -> None:
+        store.changed(None)  # changes may have been missed: the replica is not trusted yet
         if token_filter is not None:
             token_filter.forget()
             rebuild.set()
@@ -170,6 +173,7 @@ def create_app(
     app.on_response_prepare.append(add_response_headers)
     app[METRICS] = metrics
     app[LAST_USED] = last_used
+    app[STORE] = store
     if forwarder is not None:
         app[FORWARDER] = forwarder
     app[OPS_APP] = build_ops_app(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -41,7 +42,12 @@ class Invalidator:
         redis: RedisCache | None,
         scopes: frozenset[str],
         metrics: Metrics,
+        *,
+        on_change: Callable[[list[str] | None], None] | None = None,
     ) -> None:
+        # Told of every change NOTIFY reports (None: maybe every token), before any cache is
+        # touched: the store fences those tokens off its read replica (sidecar.replica_fence).
+        self.on_change = on_change
         self.auth = auth
         self.redis = redis
         self.scopes = scopes
@@ -102,6 +108,8 @@ class Invalidator:
                 digest, scope = item.get("h"), item.get("s")
                 if isinstance(digest, str) and _DIGEST_RE.match(digest):
                     changes.add((digest, scope if isinstance(scope, str) else None))
+        if self.on_change is not None and (everything or changes):
+            self.on_change(None if everything else [digest for digest, _ in changes])
         if everything:
             await self.everything(source="notify", shared=True)
         if changes:

@@ -19,12 +19,15 @@ Rules that hold here:
 6. With a read replica (`read_dsn`, SPEC 3.5), lookups go there first, through a pool and a
    breaker of its own. A row the replica does not have is asked of the primary before it
    counts as unknown (replication lag never refuses a valid token); a replica that cannot
-   answer sends the lookup to the primary. Writes never go to the replica.
+   answer sends the lookup to the primary. Writes never go to the replica. A token changed
+   on the primary is looked up there until the replica has replayed the change
+   (sidecar.replica_fence), so a lagging replica never brings a revoked token back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from datetime import datetime
@@ -33,11 +36,12 @@ from typing import Any
 import asyncpg
 
 from sidecar.breaker import CircuitBreaker
-from sidecar.credentials import stored_value
+from sidecar.credentials import stored_value, token_digest
 from sidecar.dependency_log import DependencyState, describe
 from sidecar.errors import StoreUnavailable
 from sidecar.metrics import Metrics
 from sidecar.models import TokenRecord, naive_utc
+from sidecar.replica_fence import PRIMARY_LSN_SQL, REPLICA_LSN_SQL, ReplicaFence
 
 log = logging.getLogger("sidecar.store")
 
@@ -183,6 +187,29 @@ class PostgresTokenStore:
             read_dsn, "postgres read replica", pool_size=pool_size, timeout=timeout,
             statement_cache_size=statement_cache_size)
         self.breaker = self._primary.breaker
+        self.fence = None
+        if (replica := self._replica) is not None:
+            self.fence = ReplicaFence(lambda: self._lsn(self._primary, PRIMARY_LSN_SQL),
+                                      lambda: self._lsn(replica, REPLICA_LSN_SQL))
+        self._fence_task: asyncio.Task[None] | None = None
+
+    async def _lsn(self, target: _Pool, sql: str) -> int:
+        try:
+            async with asyncio.timeout(self.timeout):
+                lsn = int(await target.get().fetchval(sql))
+        except UNAVAILABLE_ERRORS as exc:
+            target.failed(exc)  # logged like a failed lookup, once per change
+            raise
+        target.breaker.success()
+        return lsn
+
+    def changed(self, digests: list[str] | None) -> None:
+        """Tokens changed on the primary (None: maybe any token): see sidecar.replica_fence."""
+        if self.fence is not None:
+            if digests is None:
+                self.fence.everything()
+            else:
+                self.fence.changed(digests)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -197,8 +224,15 @@ class PostgresTokenStore:
         await self._primary.open()
         if self._replica is not None:
             await self._replica.open()
+        if self.fence is not None:
+            self._fence_task = asyncio.create_task(self.fence.run(), name="sidecar-fence")
 
     async def close(self) -> None:
+        if self._fence_task is not None:
+            self._fence_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._fence_task
+            self._fence_task = None
         await self._primary.close()
         if self._replica is not None:
             await self._replica.close()
@@ -207,7 +241,8 @@ class PostgresTokenStore:
         """The row for (token, scope), None when there is none. Raises StoreUnavailable."""
         key = stored_value(token, self.hash_tokens)
         replica = self._replica
-        if replica is not None and replica.breaker.allow():
+        if (replica is not None and self.fence is not None
+                and self.fence.allows(token_digest(key)) and replica.breaker.allow()):
             try:
                 row = await self._fetch(replica, "lookup_read", key, scope)
             except StoreUnavailable:

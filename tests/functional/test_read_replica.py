@@ -181,3 +181,36 @@ async def test_standby_as_listen_url_is_reported_down_with_its_reason(
         doc = orjson.loads(await r.read())
     assert doc["invalidation"] == "down"
     assert doc["status"] == "degraded"
+
+
+async def test_last_used_on_a_read_only_server_is_logged_and_reported(
+    pg_replicated: Pair, conns: tuple[asyncpg.Connection, asyncpg.Connection],
+    make_sidecar: SidecarFactory, upstream: Any, http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A misconfiguration: SIDECAR_DATABASE_URL on the standby. Lookups work, but the
+    last_used_at flush fails; the log carries Postgres' own words and /readyz says so."""
+    _, standby = pg_replicated
+    p, s = conns
+    token = "app-replica-readonly"
+    await p.execute("INSERT INTO api_tokens (type, token) VALUES ('app', $1)", token)
+    await replicated(p, s)
+    caplog.set_level(logging.INFO, logger="sidecar.last_used")
+    sc = await make_sidecar(database_url=standby.dsn, upstream_url=str(upstream.make_url("")))
+    assert await status(http, sc, token) == 200
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "sidecar.last_used"
+                and r.levelno == logging.WARNING and "read-only transaction" in r.getMessage()]
+
+    async def explained() -> bool:
+        return bool(said())
+
+    await within(10.0, explained)
+    assert "ReadOnlySQLTransactionError" in said()[0]
+    assert PG_PASSWORD not in caplog.text
+    async with http.get(sc.ops_url("/readyz")) as r:
+        doc = orjson.loads(await r.read())
+    assert doc["last_used"] == "down"
+    assert doc["invalidation"] == "down"  # LISTEN on a standby cannot work either
+    assert doc["status"] == "degraded"

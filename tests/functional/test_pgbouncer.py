@@ -127,3 +127,30 @@ async def test_listen_through_transaction_pooling_is_reported_down_with_its_reas
     assert doc["status"] == "degraded"
     listen = next(s for s in sc.app[SUBSCRIPTIONS] if isinstance(s, PostgresSubscription))
     assert not listen.connected.is_set()  # so the token filter does not trust it either
+
+
+async def test_listen_through_session_pooling_is_verified(
+    backend: PostgresServer, make_sidecar: SidecarFactory, http: aiohttp.ClientSession,
+) -> None:
+    """Session pooling keeps one server connection per client: LISTEN works through it, the
+    self-test passes and `invalidation` is ok (no LISTEN URL of its own needed)."""
+    conn = await asyncpg.connect(backend.dsn)
+    try:
+        await conn.execute(SCHEMA)
+    finally:
+        await conn.close()
+    try:
+        session = await asyncio.to_thread(
+            lambda: PgBouncerServer(backend, pool_mode="session").start())
+    except ServerUnavailable as exc:
+        unavailable(str(exc))
+        raise
+    try:
+        sc = await make_sidecar(database_url=session.dsn)
+        await listening(sc)
+        async with http.get(sc.ops_url("/readyz")) as r:
+            doc = orjson.loads(await r.read())
+        assert doc["invalidation"] == "ok"
+        assert doc["status"] == "ready"
+    finally:
+        await asyncio.to_thread(session.destroy)

@@ -214,3 +214,30 @@ async def test_last_used_on_a_read_only_server_is_logged_and_reported(
     assert doc["last_used"] == "down"
     assert doc["invalidation"] == "down"  # LISTEN on a standby cannot work either
     assert doc["status"] == "degraded"
+
+
+async def test_multi_host_url_with_read_write_finds_the_primary(
+    pg_replicated: Pair, conns: tuple[asyncpg.Connection, asyncpg.Connection],
+    make_sidecar: SidecarFactory, upstream: Any, http: aiohttp.ClientSession,
+) -> None:
+    """Failover URLs: the standby listed first, the primary second; with
+    target_session_attrs=read-write every connection (pool and LISTEN) lands on the primary."""
+    primary, standby = pg_replicated
+    p, _ = conns
+    token = "app-replica-multihost"
+    await p.execute("INSERT INTO api_tokens (type, token) VALUES ('app', $1)", token)
+    url = (f"postgresql://sidecar:{PG_PASSWORD}@127.0.0.1:{standby.port},"
+           f"127.0.0.1:{primary.port}/sidecar?target_session_attrs=read-write")
+    sc = await make_sidecar(database_url=url, upstream_url=str(upstream.make_url("")))
+    await listening(sc)  # LISTEN passed its self-test: it is on the primary
+    assert await status(http, sc, token) == 200
+    await p.execute("DELETE FROM api_tokens WHERE token = $1", token)
+
+    async def refused() -> bool:
+        return await status(http, sc, token) == 401
+
+    await within(1.0, refused)
+    async with http.get(sc.ops_url("/readyz")) as r:
+        doc = orjson.loads(await r.read())
+    assert doc["status"] == "ready"
+    assert doc["last_used"] == "ok"

@@ -59,6 +59,7 @@ OnReconnect = Callable[[], Awaitable[None]]
 SELF_TEST_TIMEOUT = 5.0
 SELF_TEST_INTERVAL = 30.0
 SELF_TEST_RETRY = 10.0
+SELF_TEST_SEND_RETRY = 1.0  # when the self-test NOTIFY could not even be sent
 # How long to wait before connecting again to a server that cannot LISTEN (a standby).
 UNUSABLE_RETRY = 5.0
 # Self-test payloads start with this: a JSON object, where the triggers send JSON arrays.
@@ -175,6 +176,15 @@ class PostgresSubscription(_Subscription):
 
     async def _listen(self, conn: asyncpg.Connection, queue: asyncio.Queue[str],
                       lost: asyncio.Event) -> None:
+        sending: list[asyncio.Task[bool]] = []
+        try:
+            await self._deliver(conn, queue, lost, sending)
+        finally:
+            for task in sending:
+                task.cancel()
+
+    async def _deliver(self, conn: asyncpg.Connection, queue: asyncio.Queue[str],
+                       lost: asyncio.Event, sending: list[asyncio.Task[bool]]) -> None:
         loop = asyncio.get_running_loop()
         # One nonce per connection: a late answer to a test of an earlier connection proves
         # nothing about this one.
@@ -186,8 +196,9 @@ class PostgresSubscription(_Subscription):
         while not lost.is_set():
             now = loop.time()
             if deadline is None and now >= next_test:
+                # Sent beside the loop: notifications keep being handled meanwhile.
+                sending[:] = [asyncio.create_task(self._send_probe(probe))]
                 deadline = now + SELF_TEST_TIMEOUT
-                await self._send_probe(probe)
             wake = min(checked + self.health_interval,
                        deadline if deadline is not None else next_test)
             try:
@@ -196,6 +207,14 @@ class PostgresSubscription(_Subscription):
                 now = loop.time()
                 if deadline is not None and now >= deadline:
                     deadline = None
+                    sent = sending[0] if sending else None
+                    if sent is None or not (sent.done() and sent.result()):
+                        # The other connection failed (or hangs), not the LISTEN: the test
+                        # proved nothing; try again soon.
+                        if sent is not None:
+                            sent.cancel()
+                        next_test = now + SELF_TEST_SEND_RETRY
+                        continue
                     next_test = now + SELF_TEST_RETRY
                     if self.connected.is_set():
                         # It used to deliver: notifications may have been lost (rule 4).
@@ -228,14 +247,16 @@ class PostgresSubscription(_Subscription):
             if batch:
                 await self.on_messages(batch)
 
-    async def _send_probe(self, probe: str) -> None:
+    async def _send_probe(self, probe: str) -> bool:
         assert self.notify is not None
         try:
             async with asyncio.timeout(self.timeout):
                 await self.notify(self.channel, probe)
         except Exception as exc:
-            # Not delivered means not verified: the test times out and is retried.
-            self.delivery.down(f"self-test NOTIFY could not be sent: {_describe(exc)}")
+            if not self.connected.is_set():
+                self.delivery.down(f"self-test NOTIFY could not be sent: {_describe(exc)}")
+            return False
+        return True
 
     async def _verified(self, after_failure: bool) -> None:
         if after_failure:

@@ -7,7 +7,8 @@ Rules that hold here:
    password, a missing table or a full disk must give 503 (or a stale answer), never a 500
    and never "invalid token".
 2. Every call is bounded by `timeout` as a whole, waiting for a pool connection included: a
-   Postgres that hangs costs a request at most that long.
+   Postgres that hangs costs a request at most that long (with a read replica too: it gets
+   at most half of it, the primary the rest).
 3. A lookup is one statement. Its parameters are the token (or its SHA-256 when
    `SIDECAR_TOKEN_HASH=sha256`) and the scope; the token itself is never logged.
 4. The pool starts empty (`min_size=0`), so a sidecar starts, and serves from caches, while
@@ -216,10 +217,6 @@ class PostgresTokenStore:
         """The primary's pool: writes, LISTEN self-tests, the token filter's build."""
         return self._primary.get()
 
-    @property
-    def has_replica(self) -> bool:
-        return self._replica is not None
-
     async def open(self) -> None:
         await self._primary.open()
         if self._replica is not None:
@@ -240,28 +237,33 @@ class PostgresTokenStore:
     async def lookup(self, token: str, scope: str) -> TokenRecord | None:
         """The row for (token, scope), None when there is none. Raises StoreUnavailable."""
         key = stored_value(token, self.hash_tokens)
+        budget = self.timeout
         replica = self._replica
         if (replica is not None and self.fence is not None
                 and self.fence.allows(token_digest(key)) and replica.breaker.allow()):
+            started = asyncio.get_running_loop().time()
             try:
-                row = await self._fetch(replica, "lookup_read", key, scope)
+                # Rule 2 holds for the whole lookup: the replica gets at most half of it.
+                row = await self._fetch(replica, "lookup_read", key, scope, budget / 2)
             except StoreUnavailable:
                 pass  # rule 6: the primary answers instead
             else:
+                self.ever_connected = True
                 if row is not None:
                     return record_from_row(row)
                 # Unknown to the replica: maybe not replicated yet (rule 6).
+            budget -= asyncio.get_running_loop().time() - started
         if not self._primary.breaker.allow():
             raise StoreUnavailable("circuit open")
-        row = await self._fetch(self._primary, "lookup", key, scope)
+        row = await self._fetch(self._primary, "lookup", key, scope, max(budget, 0.001))
         self.ever_connected = True
         return record_from_row(row) if row is not None else None
 
-    async def _fetch(self, target: _Pool, kind: str, key: str,
-                     scope: str) -> asyncpg.Record | None:
+    async def _fetch(self, target: _Pool, kind: str, key: str, scope: str,
+                     seconds: float) -> asyncpg.Record | None:
         self.metrics.postgres_queries.labels(kind=kind).inc()
         try:
-            async with asyncio.timeout(self.timeout):  # rule 2: pool wait included
+            async with asyncio.timeout(seconds):  # rule 2: pool wait included
                 row: asyncpg.Record | None = await target.get().fetchrow(
                     self.lookup_sql, key, scope)
         except asyncpg.DataError:

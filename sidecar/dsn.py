@@ -17,6 +17,7 @@ Rules that hold here:
 
 from __future__ import annotations
 
+import inspect
 import re
 from urllib.parse import parse_qsl, urlencode
 
@@ -74,11 +75,14 @@ def check_postgres_url(url: str) -> None:
     parse = getattr(connect_utils, "_parse_connect_dsn_and_args", None)
     if parse is None:
         return
+    # Its keyword arguments vary between releases (service, krbsrvname, ...): every one but
+    # the DSN is passed as None, "not given", whatever this release's list is.
     try:
-        parse(
-            dsn=probe, host=None, port=None, user=None, password=None, passfile=None,
-            database=None, ssl=None, service=None, servicefile=None, direct_tls=None,
-            server_settings=None, target_session_attrs=None, krbsrvname=None, gsslib=None)
+        names = inspect.signature(parse).parameters
+    except (TypeError, ValueError):
+        return
+    try:
+        parse(**{name: None for name in names if name != "dsn"}, dsn=probe)
     except Exception:
         # Rule 1: the driver's message quotes the fragment it could not read.
         raise _malformed("the driver cannot parse it") from None

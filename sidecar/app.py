@@ -53,6 +53,7 @@ LAST_USED = web.AppKey("sidecar.last_used", LastUsedQueue)
 # Only in proxy mode.
 FORWARDER = web.AppKey("sidecar.forwarder", Forwarder)
 OPS_APP = web.AppKey("sidecar.ops_app", web.Application)
+STORE = web.AppKey("sidecar.store", PostgresTokenStore)
 SUBSCRIPTIONS = web.AppKey("sidecar.subscriptions", list[PostgresSubscription | RedisSubscriber])
 
 __all__ = ["FORWARDER", "LAST_USED", "METRICS", "create_app", "create_ops_app"]
@@ -70,8 +71,10 @@ def create_app(
     the wall clock cache deadlines are read from). `worker`: this process's index under
     `serve --workers N`; worker 0 counts what every worker receives (a NOTIFY)."""
     metrics = Metrics(registry, multiprocess_dir=multiprocess_dir(), scopes=settings.scopes)
+    read_url = settings.database_read_url
     store = PostgresTokenStore(
         settings.database_url.get_secret_value(),
+        read_dsn=read_url.get_secret_value() if read_url is not None else None,
         metrics=metrics,
         pool_size=settings.database_pool_size,
         timeout=settings.database_timeout,
@@ -128,7 +131,28 @@ def create_app(
         handoff=RedisLastUsedHandoff(guarded) if guarded is not None else None,
     )
     invalidator = Invalidator(authenticator, redis, settings.scopes, metrics,
-                              counts_broadcasts=worker == 0)
+                              counts_broadcasts=worker == 0, on_change=store.changed)
+    rebuild = asyncio.Event()  # the token filter is rebuilt after a LISTEN gap
+
+    async def on_notify(payloads: list[str]) -> None:
+        if token_filter is not None:
+            token_filter.note_payloads(payloads)
+        await invalidator.on_notify(payloads)
+
+    async def on_notify_reconnect() -> None:
+        store.changed(None)  # changes may have been missed: the replica is not trusted yet
+        if token_filter is not None:
+            token_filter.forget()
+            rebuild.set()
+        await invalidator.on_reconnect("notify")
+
+    async def self_test_notify(channel: str, payload: str) -> None:
+        # Over the primary pool, not the LISTEN connection (sidecar.subscriptions rule 4).
+        await store.pool.execute("SELECT pg_notify($1, $2)", channel, payload)
+
+    listen = PostgresSubscription(
+        listen_dsn(settings), settings.notify_channel, on_notify, on_notify_reconnect,
+        timeout=settings.database_timeout, notify=self_test_notify, metrics=metrics)
     limiter = RateLimiter(
         per_token=settings.rate_limit,
         per_tenant=settings.tenant_rate_limit,
@@ -151,11 +175,13 @@ def create_app(
     app.on_response_prepare.append(add_response_headers)
     app[METRICS] = metrics
     app[LAST_USED] = last_used
+    app[STORE] = store
     if forwarder is not None:
         app[FORWARDER] = forwarder
     app[OPS_APP] = build_ops_app(
         metrics=metrics,
-        readiness=Readiness(store, redis, forwarder),
+        readiness=Readiness(store, redis, forwarder, listen=listen,
+                            last_used=last_used if settings.last_used_table else None),
         invalidator=invalidator,
         admin_token=settings.admin_token,
     )
@@ -182,25 +208,10 @@ def create_app(
             await forwarder.close()
 
     async def subscriptions_ctx(_: web.Application) -> AsyncIterator[None]:
-        rebuild = asyncio.Event()
-
-        async def on_notify(payloads: list[str]) -> None:
-            if token_filter is not None:
-                token_filter.note_payloads(payloads)
-            await invalidator.on_notify(payloads)
-
-        async def on_notify_reconnect() -> None:
-            if token_filter is not None:
-                token_filter.forget()
-                rebuild.set()
-            await invalidator.on_reconnect("notify")
-
-        listen = PostgresSubscription(
-            listen_dsn(settings), settings.notify_channel,
-            on_notify, on_notify_reconnect, metrics=metrics)
         subs: list[PostgresSubscription | RedisSubscriber] = [listen]
         filter_task = None
         if token_filter is not None:
+            # `connected`: LISTEN verified delivering by its self-test (subscriptions rule 4).
             token_filter.listening = listen.connected.is_set
             filter_task = asyncio.create_task(
                 token_filter.keep_built(lambda: store.pool, listen.connected, rebuild),

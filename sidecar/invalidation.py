@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -31,6 +32,7 @@ from sidecar.auth import Authenticator
 from sidecar.cache import cache_key
 from sidecar.metrics import Metrics
 from sidecar.rediscache import RedisCache
+from sidecar.subscriptions import is_self_test
 
 log = logging.getLogger("sidecar.invalidation")
 
@@ -48,7 +50,11 @@ class Invalidator:
         metrics: Metrics,
         *,
         counts_broadcasts: bool = True,
+        on_change: Callable[[list[str] | None], None] | None = None,
     ) -> None:
+        # Told of every change NOTIFY reports (None: maybe every token), before any cache is
+        # touched: the store fences those tokens off its read replica (sidecar.replica_fence).
+        self.on_change = on_change
         self.auth = auth
         self.redis = redis
         self.scopes = scopes
@@ -97,6 +103,8 @@ class Invalidator:
         changes: set[tuple[str, str | None]] = set()
         everything = False
         for payload in payloads:
+            if is_self_test(payload):
+                continue  # a LISTEN self-test (sidecar.subscriptions rule 5), not a change
             items = _parse(payload)
             if not isinstance(items, list):
                 self._count("notify_malformed")
@@ -110,6 +118,8 @@ class Invalidator:
                 digest, scope = item.get("h"), item.get("s")
                 if isinstance(digest, str) and _DIGEST_RE.match(digest):
                     changes.add((digest, scope if isinstance(scope, str) else None))
+        if self.on_change is not None and (everything or changes):
+            self.on_change(None if everything else [digest for digest, _ in changes])
         if everything:
             await self.everything(source="notify", shared=True)
         if changes:

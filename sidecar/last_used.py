@@ -13,7 +13,9 @@ Rules that hold here:
 5. The database only ever moves `last_used_at` forward: the UPDATE compares with the stored
    value, so replicas flushing overlapping batches in any order cannot move it back.
 6. Times are naive UTC (Dify's `timestamp` column); aware datetimes are converted on entry.
-7. Logs carry counts and the error class/message only, never a token id.
+7. Logs carry counts and the error class/message only (scrubbed, sidecar.dependency_log),
+   never a token id. Failing background flushes are logged once per change of state: the
+   first failure, a different error, and the first success after failures.
 8. Shutdown while the database is down (SPEC 15): the final flush is retried until its
    deadline; what is left is handed to Redis (`handoff`), and every flush of any sidecar
    first takes what was handed off. Only without a hand-off are entries lost, and then
@@ -34,6 +36,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
 from sidecar.backoff import backoff_delay
+from sidecar.dependency_log import describe as _describe
 from sidecar.models import naive_utc, utc_now_naive
 
 if TYPE_CHECKING:
@@ -51,9 +54,6 @@ _TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 # Of the final flush's time, what is kept for handing entries to Redis (rule 8), seconds.
 HANDOFF_RESERVE = 1.0
 
-# Error messages of drivers can be long (server detail, hints); a log line needs the gist.
-_MAX_ERROR_MESSAGE = 200
-
 
 class Handoff(Protocol):
     """Where entries go that a stopping sidecar could not write (rule 8)."""
@@ -69,13 +69,6 @@ class LastUsedWriter(Protocol):
         Raises on failure; the caller keeps the batch and retries it later.
         """
         ...
-
-
-def _describe(exc: BaseException) -> str:
-    message = str(exc).replace("\n", " ")
-    if len(message) > _MAX_ERROR_MESSAGE:
-        message = message[:_MAX_ERROR_MESSAGE] + "..."
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 class PostgresLastUsedWriter:
@@ -208,6 +201,7 @@ class LastUsedQueue:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
+        self._last_error: str | None = None
         # The background loop sleeps through this; tests replace it to observe the back-off.
         self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
@@ -220,6 +214,11 @@ class LastUsedQueue:
     def consecutive_failures(self) -> int:
         """Failed background flushes since the last successful one."""
         return self._failures
+
+    @property
+    def state(self) -> str:
+        """For /readyz: "down" while background flushes are failing, else "ok"."""
+        return "down" if self._failures else "ok"
 
     def record(self, token_id: str, at: datetime | None = None) -> None:
         try:
@@ -353,16 +352,22 @@ class LastUsedQueue:
                 self._failures += 1
                 delay = backoff_delay(self._failures, base=self._interval,
                                       cap=self._max_backoff)
-                _log.warning(
+                error = _describe(exc)
+                # Rule 7: a flush that keeps failing the same way is not news.
+                level = logging.WARNING if error != self._last_error else logging.DEBUG
+                self._last_error = error
+                _log.log(
+                    level,
                     "last_used flush failed (%d consecutive, %d ids pending); retrying in "
                     "%.1f s: %s",
-                    self._failures, self.pending, delay, _describe(exc),
+                    self._failures, self.pending, delay, error,
                 )
             else:
                 if self._failures:
                     _log.info("last_used flush succeeded again after %d failures",
                               self._failures)
                 self._failures = 0
+                self._last_error = None
                 delay = self._interval
 
     def _merge_back(self, batch: dict[str, datetime]) -> None:

@@ -48,7 +48,7 @@ _UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 NO_SCOPE_LABEL = "none"
 CACHE_RESULTS = (("l1", "hit"), ("l1", "miss"), ("l1", "negative"), ("l2", "hit"),
                  ("l2", "miss"), ("l2", "negative"), ("stale", "stale"))
-POSTGRES_KINDS = ("lookup", "last_used")
+POSTGRES_KINDS = ("lookup", "lookup_read", "last_used")
 REDIS_OPS = ("get", "set", "delete", "delete_tenant", "delete_all", "lock", "unlock",
              "publish", "ratelimit", "last_used_handoff")
 UPSTREAM_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "connect_error", "timeout")

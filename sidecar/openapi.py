@@ -230,6 +230,15 @@ def _schemas() -> JSON:
                 "redis": {"enum": ["ok", "down", "disabled"]},
                 "upstream": {"enum": ["ok", "down", "disabled"],
                              "description": "`disabled` in decision-only mode."},
+                "postgres_read": {"enum": ["ok", "down"],
+                                  "description": "Only with SIDECAR_DATABASE_READ_URL: the "
+                                                 "read replica answers."},
+                "invalidation": {"enum": ["ok", "down"],
+                                 "description": "LISTEN connected and its self-test NOTIFY "
+                                                "received."},
+                "last_used": {"enum": ["ok", "down"],
+                              "description": "`down` while last_used_at flushes fail; absent "
+                                             "when none are written."},
             },
         },
         "InvalidateRequest": {"oneOf": [

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote_plus, urlsplit, urlunsplit
 
 from pydantic import (
     Field,
@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sidecar.dependency_log import register_secret
+from sidecar.dsn import check_postgres_url
 from sidecar.eventloop import uvloop_installed
 from sidecar.rate import Rate, parse_rate
 from sidecar.routing import PublicRoute, ScopeRoute, parse_public_routes, parse_scope_routes
@@ -98,6 +100,14 @@ def redact_url(url: str) -> str:
     return head + sep + _redact_query(query) + hash_ + fragment if sep else url
 
 
+def _passwords_of(url: str) -> list[str]:
+    """The passwords of a URL: in its user info (as written) and in its query."""
+    userinfo = url.partition("://")[2].split("/", 1)[0].rpartition("@")[0]
+    found = [userinfo.partition(":")[2]]
+    found += [v for k, v in parse_qsl(url.partition("?")[2]) if k.lower() in _SECRET_PARAMS]
+    return [p for p in found if p]
+
+
 _TEXT_PARSERS: dict[str, Callable[[str], Any]] = {
     "listen": parse_listen,
     "ops_listen": parse_listen,
@@ -149,6 +159,9 @@ class Settings(BaseSettings):
     # The connection that LISTENs; default: database_url. Must reach Postgres directly or
     # through session pooling (SPEC 3.5).
     database_listen_url: SecretStr | None = None
+    # A hot-standby replica for token lookups; unknown tokens are re-checked on the primary,
+    # writes and LISTEN always go to the primary (SPEC 3.5). Empty: lookups use the primary.
+    database_read_url: SecretStr | None = None
     database_pool_size: int = Field(10, ge=1)
     database_timeout: float = Field(5.0, gt=0)
     token_hash: Literal["plain", "sha256"] = "plain"
@@ -242,16 +255,19 @@ class Settings(BaseSettings):
             raise ValueError("must not have a query string or fragment")
         return v.rstrip("/")
 
-    @field_validator("database_url", "database_listen_url", mode="before")
+    @field_validator("database_url", "database_listen_url", "database_read_url", mode="before")
     @classmethod
     def _dsn(cls, v: Any, info: ValidationInfo) -> Any:
         raw = v.get_secret_value() if isinstance(v, SecretStr) else v
         if info.field_name != "database_url" and (
                 raw is None or (isinstance(raw, str) and not raw.strip())):
             return None
-        if not isinstance(raw, str) or urlsplit(raw).scheme not in ("postgres", "postgresql"):
-            # Deliberately does not echo the value: it may hold a password.
+        if not isinstance(raw, str):
             raise ValueError("must be a postgresql:// URL")
+        # Deliberately never echoes the value, nor any part of it: it may hold a password.
+        check_postgres_url(raw)
+        for password in _passwords_of(raw):
+            register_secret(password)
         return v
 
     @field_validator("redis_url", mode="before")
@@ -288,7 +304,8 @@ class Settings(BaseSettings):
         for name in type(self).model_fields:
             value = getattr(self, name)
             key = ENV_PREFIX + name.upper()
-            if name in ("database_url", "database_listen_url", "redis_url") and value is not None:
+            if name in ("database_url", "database_listen_url", "database_read_url",
+                        "redis_url") and value is not None:
                 out[key] = redact_url(value.get_secret_value())
             elif isinstance(value, SecretStr):
                 out[key] = "***"

@@ -10,7 +10,15 @@ Rules that hold here:
 3. Messages are handled in arrival order by a single consumer task. LISTEN hands over every
    notification already queued at once (up to `MAX_BATCH`), so a bulk change of many rows is
    handled in a few batches instead of one round trip per row.
-4. `connected` (an Event) and the `sidecar_subscription_connected{subscription}` gauge change
+4. A LISTEN counts as connected (`connected` is set) only once it is known to deliver: after
+   every (re)connect a self-test NOTIFY is sent over another connection (`notify`, the
+   primary pool) and must arrive within SELF_TEST_TIMEOUT. A LISTEN that cannot work (on a
+   standby; through PgBouncer's transaction pooling it "succeeds" but nothing arrives) is
+   logged with its reason and retried; the self-test repeats every SELF_TEST_INTERVAL, and a
+   working LISTEN that stops delivering is reconnected (notifications may have been lost).
+5. Self-test payloads (this replica's or any other's) are consumed here and never reach
+   `on_messages`: they invalidate nothing and are never counted.
+6. `connected` (an Event) and the `sidecar_subscription_connected{subscription}` gauge change
    together, in `_set_connected`, so alerts see what readiness sees.
 """
 
@@ -19,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -26,6 +35,8 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from sidecar.backoff import Backoff
+from sidecar.dependency_log import DependencyState
+from sidecar.dependency_log import describe as _describe
 
 if TYPE_CHECKING:
     from sidecar.metrics import Metrics
@@ -46,11 +57,25 @@ RECONNECT_CAP = 0.5
 OnReconnect = Callable[[], Awaitable[None]]
 
 
-def _describe(exc: BaseException) -> str:
-    """The error class and the driver's message, one line, bounded; DSNs are not in these
-    messages (asyncpg and redis-py name the host and port only)."""
-    message = " ".join(str(exc).split())[:200]
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+# Self-test of a LISTEN (rule 4), seconds. The interval re-checks a verified LISTEN with one
+# NOTIFY; the retry re-sends the test while a LISTEN is not delivering.
+SELF_TEST_TIMEOUT = 5.0
+SELF_TEST_INTERVAL = 30.0
+SELF_TEST_RETRY = 10.0
+SELF_TEST_SEND_RETRY = 1.0  # when the self-test NOTIFY could not even be sent
+# How long to wait before connecting again to a server that cannot LISTEN (a standby).
+UNUSABLE_RETRY = 5.0
+# Self-test payloads start with this: a JSON object, where the triggers send JSON arrays.
+SELF_TEST_PREFIX = '{"sidecar_self_test":'
+Notify = Callable[[str, str], Awaitable[None]]
+
+
+def is_self_test(payload: str) -> bool:
+    return payload.startswith(SELF_TEST_PREFIX)
+
+
+class ListenUnusable(Exception):
+    """The LISTEN connection reaches a server where LISTEN cannot work."""
 
 
 class _Subscription:
@@ -96,9 +121,14 @@ class _Subscription:
                 # Once per change of state: retries against a server that stays down are
                 # not news (they come every RECONNECT_CAP seconds).
                 level = logging.WARNING if backoff.failures == 0 else logging.DEBUG
-                log.log(level, "%s lost: %s", self.name, _describe(exc))
+                unusable = isinstance(exc, ListenUnusable)
+                log.log(level, "%s %s: %s", self.name, "cannot work" if unusable else "lost",
+                        str(exc) if unusable else _describe(exc))
+                delay = UNUSABLE_RETRY if unusable else None
+            else:
+                delay = None
             self._set_connected(False)
-            await asyncio.sleep(backoff.next_delay())
+            await asyncio.sleep(backoff.next_delay() if delay is None else delay)
 
     async def _connected(self, backoff: Backoff) -> None:
         retries = backoff.failures
@@ -120,12 +150,15 @@ class PostgresSubscription(_Subscription):
 
     def __init__(
         self, dsn: str, channel: str, on_messages: OnMessages, on_reconnect: OnReconnect,
-        *, health_interval: float = 2.0, timeout: float = 5.0, metrics: Metrics | None = None,
+        *, health_interval: float = 2.0, timeout: float = 5.0, notify: Notify | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         super().__init__(on_reconnect, metrics)
         self.on_messages = on_messages
         self.dsn, self.channel = dsn, channel
         self.health_interval, self.timeout = health_interval, timeout
+        self.notify = notify
+        self.delivery = DependencyState(self.name, log)
 
     async def _session(self, backoff: Backoff) -> None:
         conn = await asyncpg.connect(self.dsn, timeout=self.timeout,
@@ -134,25 +167,121 @@ class PostgresSubscription(_Subscription):
         lost = asyncio.Event()
         try:
             conn.add_termination_listener(lambda _c: lost.set())
+            if await conn.fetchval("SELECT pg_is_in_recovery()", timeout=self.timeout):
+                raise ListenUnusable(
+                    "the LISTEN connection reaches a standby (pg_is_in_recovery() is true), "
+                    "where LISTEN cannot work; point SIDECAR_DATABASE_LISTEN_URL (default "
+                    "SIDECAR_DATABASE_URL) at the primary")
             await conn.add_listener(self.channel, lambda _c, _pid, _ch, payload: queue.put_nowait(
                 str(payload)))
-            await self._connected(backoff)
-            while not lost.is_set():
-                try:
-                    payload = await asyncio.wait_for(queue.get(), self.health_interval)
-                except TimeoutError:
-                    # Quiet channel: make sure the connection is still there (a killed backend
-                    # is not always noticed until we talk to it).
-                    await conn.fetchval("SELECT 1", timeout=self.timeout)
-                    continue
-                batch = [payload]
-                while len(batch) < MAX_BATCH and not queue.empty():
-                    batch.append(queue.get_nowait())
-                await self.on_messages(batch)
+            if self.notify is None:
+                await self._connected(backoff)
+            else:
+                await self._reconnected(backoff)
+            await self._listen(conn, queue, lost)
             raise ConnectionError("listen connection terminated")
         finally:
             if not conn.is_closed():
                 conn.terminate()
+
+    async def _reconnected(self, backoff: Backoff) -> None:
+        """Like `_connected`, but `connected` waits for the self-test (rule 4)."""
+        backoff.reset()
+        self.connects += 1
+        if self.connects > 1:
+            await self.on_reconnect()
+
+    async def _listen(self, conn: asyncpg.Connection, queue: asyncio.Queue[str],
+                      lost: asyncio.Event) -> None:
+        sending: list[asyncio.Task[bool]] = []
+        try:
+            await self._deliver(conn, queue, lost, sending)
+        finally:
+            for task in sending:
+                task.cancel()
+
+    async def _deliver(self, conn: asyncpg.Connection, queue: asyncio.Queue[str],
+                       lost: asyncio.Event, sending: list[asyncio.Task[bool]]) -> None:
+        loop = asyncio.get_running_loop()
+        # One nonce per connection: a late answer to a test of an earlier connection proves
+        # nothing about this one.
+        probe = f'{SELF_TEST_PREFIX}"{secrets.token_hex(8)}"}}'
+        next_test = loop.time() if self.notify is not None else float("inf")
+        deadline: float | None = None
+        checked = loop.time()
+        failed_once = False
+        while not lost.is_set():
+            now = loop.time()
+            if deadline is None and now >= next_test:
+                # Sent beside the loop: notifications keep being handled meanwhile.
+                sending[:] = [asyncio.create_task(self._send_probe(probe))]
+                deadline = now + SELF_TEST_TIMEOUT
+            wake = min(checked + self.health_interval,
+                       deadline if deadline is not None else next_test)
+            try:
+                payload = await asyncio.wait_for(queue.get(), max(wake - loop.time(), 0.001))
+            except TimeoutError:
+                now = loop.time()
+                if deadline is not None and now >= deadline:
+                    deadline = None
+                    sent = sending[0] if sending else None
+                    if sent is None or not (sent.done() and sent.result()):
+                        # The other connection failed (or hangs), not the LISTEN: the test
+                        # proved nothing; try again soon.
+                        if sent is not None:
+                            sent.cancel()
+                        next_test = now + SELF_TEST_SEND_RETRY
+                        continue
+                    next_test = now + SELF_TEST_RETRY
+                    if self.connected.is_set():
+                        # It used to deliver: notifications may have been lost (rule 4).
+                        raise ConnectionError(
+                            f"self-test NOTIFY not received within {SELF_TEST_TIMEOUT:g} s"
+                        ) from None
+                    failed_once = True
+                    self.delivery.down(
+                        f"self-test NOTIFY not received within {SELF_TEST_TIMEOUT:g} s: "
+                        "LISTEN through transaction pooling (PgBouncer pool_mode=transaction)"
+                        " or a standby cannot work; point SIDECAR_DATABASE_LISTEN_URL at "
+                        "Postgres directly or at session pooling")
+                if now - checked >= self.health_interval:
+                    # Quiet channel: make sure the connection is still there (a killed backend
+                    # is not always noticed until we talk to it).
+                    await conn.fetchval("SELECT 1", timeout=self.timeout)
+                    checked = loop.time()
+                continue
+            batch = [payload]
+            while len(batch) < MAX_BATCH and not queue.empty():
+                batch.append(queue.get_nowait())
+            if any(is_self_test(p) for p in batch):  # rule 5
+                if probe in batch and deadline is not None:
+                    deadline = None
+                    next_test = loop.time() + SELF_TEST_INTERVAL
+                    if not self.connected.is_set():
+                        await self._verified(failed_once)
+                        failed_once = False
+                batch = [p for p in batch if not is_self_test(p)]
+            if batch:
+                await self.on_messages(batch)
+
+    async def _send_probe(self, probe: str) -> bool:
+        assert self.notify is not None
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.notify(self.channel, probe)
+        except Exception as exc:
+            if not self.connected.is_set():
+                self.delivery.down(f"self-test NOTIFY could not be sent: {_describe(exc)}")
+            return False
+        return True
+
+    async def _verified(self, after_failure: bool) -> None:
+        if after_failure:
+            # Changes made while it did not deliver went unheard: as after a reconnect.
+            await self.on_reconnect()
+        self.delivery.up()
+        self._set_connected(True)
+        log.info("%s connected, self-test NOTIFY received", self.name)
 
 
 class RedisSubscriber(_Subscription):

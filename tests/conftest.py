@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.servers import PostgresServer, RedisServer, ServerUnavailable
+from tests.servers import PostgresServer, PostgresStandby, RedisServer, ServerUnavailable
 from tests.upstream import make_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,6 +180,21 @@ def redis_server_url() -> Iterator[str]:
         yield server.url
     finally:
         server.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_replicated() -> Iterator[tuple[PostgresServer, PostgresStandby]]:
+    """A primary and its streaming hot standby of their own (read-replica tests pause replay,
+    which no other test must see)."""
+    primary = start_postgres()
+    try:
+        standby = PostgresStandby(primary).setup()
+        try:
+            yield primary, standby
+        finally:
+            standby.destroy()
+    finally:
+        primary.destroy()
 
 
 @pytest.fixture

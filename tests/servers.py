@@ -171,7 +171,8 @@ class PostgresServer:
 
     def resume(self) -> None:
         for pid in self._pids():
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):  # a backend that just ended
+                os.kill(pid, signal.SIGCONT)
 
     def psql(self, sql: str, db: str = "sidecar") -> str:
         # SQL on stdin, not in argv: with a password, the statements may carry it, and
@@ -191,6 +192,33 @@ class PostgresServer:
             self.stop("immediate")
         finally:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PostgresStandby(PostgresServer):
+    """A hot standby of a (trust-mode) PostgresServer: `pg_basebackup -R`, then streaming
+    replication. Everything (roles, the `sidecar` database, pg_stat_statements) comes from
+    the primary; initdb's pg_hba already lets loopback replication connections in."""
+
+    def __init__(self, primary: PostgresServer) -> None:
+        super().__init__()
+        self.primary = primary
+
+    def setup(self) -> PostgresStandby:
+        self._run(_pg_bin("pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.primary.port),
+                  "-U", "postgres", "-D", str(self.data), "-R", "-X", "stream", "--no-sync",
+                  # Not a spread checkpoint: that would take minutes on an idle primary.
+                  "--checkpoint=fast")
+        with open(self.data / "postgresql.conf", "a") as f:  # later lines win
+            f.write(f"\nport = {self.port}\nunix_socket_directories = '{self.dir}'\n"
+                    "hot_standby = on\n")
+        self.start()
+        deadline = time.monotonic() + 30
+        while self.psql("SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+                        db="postgres") != "1":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the standby does not stream from its primary")
+            time.sleep(0.1)
+        return self
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import pytest
 from sidecar import __version__
 from sidecar.outcomes import Outcome
 from tests.conftest import Db, SidecarFactory
-from tests.helpers import exchange, scrape, scraped, within
+from tests.helpers import exchange, listening, scrape, scraped, within
 from tests.helpers import families as parse_families
 from tests.servers import PG_PASSWORD, PostgresServer, free_port
 
@@ -69,13 +69,15 @@ async def test_health_and_readiness(
     make_sidecar: SidecarFactory, db: Db, upstream: Any, redis_url: str
 ) -> None:
     sc = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_url=redis_url)
+    await listening(sc)  # `invalidation` is ok once LISTEN passed its self-test
     async with aiohttp.ClientSession() as http:
         async with http.get(sc.ops_url("/healthz")) as r:
             assert r.status == 200
         async with http.get(sc.ops_url("/readyz")) as r:
             assert r.status == 200
             assert orjson.loads(await r.read()) == {
-                "status": "ready", "postgres": "ok", "redis": "ok", "upstream": "ok"}
+                "status": "ready", "postgres": "ok", "redis": "ok", "upstream": "ok",
+                "invalidation": "ok", "last_used": "ok"}
     bare = await make_sidecar()  # no Redis, decision-only
     async with aiohttp.ClientSession() as http:
         async with http.get(bare.ops_url("/readyz")) as r:

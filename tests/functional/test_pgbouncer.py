@@ -6,6 +6,7 @@ writes all work."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,9 +15,11 @@ import asyncpg
 import orjson
 import pytest
 
+from sidecar.app import SUBSCRIPTIONS
+from sidecar.subscriptions import PostgresSubscription
 from tests.conftest import SCHEMA, SidecarFactory, start_postgres, unavailable
 from tests.helpers import listening, status, within
-from tests.servers import PgBouncerServer, PostgresServer, ServerUnavailable
+from tests.servers import PG_PASSWORD, PgBouncerServer, PostgresServer, ServerUnavailable
 
 
 @pytest.fixture(scope="module")
@@ -85,4 +88,69 @@ async def test_transaction_pooling_with_statement_cache_off_and_direct_listen(
         await conn.close()
     async with http.get(sc.ops_url("/readyz")) as r:
         assert r.status == 200
-        assert orjson.loads(await r.read())["status"] == "ready"
+        doc = orjson.loads(await r.read())
+    assert doc["status"] == "ready"
+    assert doc["invalidation"] == "ok"
+
+
+async def test_listen_through_transaction_pooling_is_reported_down_with_its_reason(
+    backend: PostgresServer, pgbouncer: PgBouncerServer, make_sidecar: SidecarFactory,
+    http: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SPEC 3.5: LISTEN through transaction pooling "succeeds" but never hears a NOTIFY. The
+    self-test catches it: /readyz says `invalidation: down` and the log says why."""
+    conn = await asyncpg.connect(backend.dsn)
+    try:
+        await conn.execute(SCHEMA)
+    finally:
+        await conn.close()
+    caplog.set_level(logging.INFO, logger="sidecar.subscriptions")
+    sc = await make_sidecar(database_url=pgbouncer.dsn, database_statement_cache_size=0)
+
+    def reasons() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "sidecar.subscriptions"
+                and r.levelno == logging.WARNING and "self-test NOTIFY not received" in
+                r.getMessage()]
+
+    async def explained() -> bool:
+        return bool(reasons())
+
+    await within(10.0, explained)
+    assert "pool_mode=transaction" in reasons()[0]
+    assert "SIDECAR_DATABASE_LISTEN_URL" in reasons()[0]
+    assert PG_PASSWORD not in caplog.text
+    async with http.get(sc.ops_url("/readyz")) as r:
+        assert r.status == 200  # it can serve: Postgres answers through PgBouncer
+        doc = orjson.loads(await r.read())
+    assert doc["postgres"] == "ok"
+    assert doc["invalidation"] == "down"
+    assert doc["status"] == "degraded"
+    listen = next(s for s in sc.app[SUBSCRIPTIONS] if isinstance(s, PostgresSubscription))
+    assert not listen.connected.is_set()  # so the token filter does not trust it either
+
+
+async def test_listen_through_session_pooling_is_verified(
+    backend: PostgresServer, make_sidecar: SidecarFactory, http: aiohttp.ClientSession,
+) -> None:
+    """Session pooling keeps one server connection per client: LISTEN works through it, the
+    self-test passes and `invalidation` is ok (no LISTEN URL of its own needed)."""
+    conn = await asyncpg.connect(backend.dsn)
+    try:
+        await conn.execute(SCHEMA)
+    finally:
+        await conn.close()
+    try:
+        session = await asyncio.to_thread(
+            lambda: PgBouncerServer(backend, pool_mode="session").start())
+    except ServerUnavailable as exc:
+        unavailable(str(exc))
+        raise
+    try:
+        sc = await make_sidecar(database_url=session.dsn)
+        await listening(sc)
+        async with http.get(sc.ops_url("/readyz")) as r:
+            doc = orjson.loads(await r.read())
+        assert doc["invalidation"] == "ok"
+        assert doc["status"] == "ready"
+    finally:
+        await asyncio.to_thread(session.destroy)

@@ -309,7 +309,9 @@ def openapi_document(scopes: Collection[str] | None = None) -> JSON:
             "description": "Paths tagged `main` are served on the main listener, those tagged "
                            "`ops` on the ops listener (see each path's `servers`). Every other "
                            "path of the main listener is proxied to the upstream and is "
-                           "described by the upstream's own API.",
+                           "described by the upstream's own API. The decision endpoint "
+                           "answers every method; OpenAPI 3.1 can name eight, and any other "
+                           "(QUERY, PROPFIND, ...) is judged the same way.",
             "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
         },
         "tags": [

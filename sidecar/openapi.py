@@ -33,7 +33,13 @@ import orjson
 
 from sidecar import __version__
 from sidecar.admin import MAX_BODY, TENANT_ID_PATTERN
-from sidecar.decision import DECISION_PATH, ENVOY_REMOVE_HEADER, METHOD_PATTERN, OWS
+from sidecar.decision import (
+    DECISION_PATH,
+    ENVOY_REMOVE_HEADER,
+    METHOD_PATTERN,
+    ORIGINAL_HEADERS,
+    OWS,
+)
 from sidecar.errors import MSG_INVALID, MSG_MISSING, MSG_SCHEME
 from sidecar.gate import REQUEST_ID_PATTERN
 from sidecar.headers import IDENTITY_HEADERS
@@ -117,26 +123,27 @@ def _decision_parameters(with_path: bool) -> list[JSON]:
             "name": "path", "in": "path", "required": True, "schema": {"type": "string"},
             "description": "Envoy `path_prefix`: the original request's path (it may contain "
                            "`/`), judged with this request's own method whoever the peer is. "
-                           "X-Original-URI/X-Forwarded-Uri and -Method headers, when a "
+                           "The X-Original-* and X-Forwarded-* headers, when a "
                            "trusted peer sends them too, must describe the same request "
                            "(else 400); they add nothing, so they are not parameters here.",
         })
     else:
-        # nginx's pair; Traefik's X-Forwarded-* pair is the same rule in prose (rule 6).
+        # nginx's pair; Traefik's pair is the same rule in prose (rule 6).
+        (uri, method), (traefik_uri, traefik_method) = ORIGINAL_HEADERS
         params.append({
-            "name": "X-Original-URI", "in": "header", "required": True,
+            "name": uri, "in": "header", "required": True,
             "schema": {"type": "string", "pattern": _TARGET_PATTERN},
             "description": "nginx `auth_request`: the original request target (origin or "
-                           "absolute form). Traefik `ForwardAuth` sends `X-Forwarded-Uri` "
+                           f"absolute form). Traefik `ForwardAuth` sends `{traefik_uri}` "
                            "instead, with the same rules; when both are sent they must name "
                            "the same path. Read only from peers in SIDECAR_TRUSTED_PROXIES: "
                            "from others, or without either header, the answer is 400.",
         })
         params.append({
-            "name": "X-Original-Method", "in": "header", "required": False,
+            "name": method, "in": "header", "required": False,
             "schema": {"type": "string", "pattern": _METHOD_HEADER_PATTERN},
             "description": "nginx: the original request method (this request's own method "
-                           "when absent or blank). Traefik sends `X-Forwarded-Method` instead; "
+                           f"when absent or blank). Traefik sends `{traefik_method}` instead; "
                            "when both are sent they must agree. Read only from peers in "
                            "SIDECAR_TRUSTED_PROXIES.",
         })

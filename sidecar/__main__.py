@@ -1,4 +1,4 @@
-"""Command line: `sidecar serve | check-config | schema | token` (SPEC 12)."""
+"""Command line: `sidecar serve | check-config | schema | token | healthcheck` (SPEC 12)."""
 
 from __future__ import annotations
 
@@ -157,6 +157,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    from sidecar.healthcheck import check
+
+    problem = check(_settings_or_exit().ops_listen, args.timeout)
+    if problem is not None:
+        print(f"unhealthy: {problem}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     if not args.apply:
         # Printing needs no database, only the channel: a placeholder DSN lets the rest of the
@@ -236,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("check-config", help="validate settings and print them, secrets redacted")
     p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("healthcheck", help="exit 0 when GET /healthz on SIDECAR_OPS_LISTEN "
+                       "answers 200 (the container HEALTHCHECK)")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+    p.set_defaults(func=cmd_healthcheck)
     p = sub.add_parser("schema", help="print (or apply) the token table schema and triggers")
     p.add_argument("--apply", action="store_true", help="apply it to SIDECAR_DATABASE_URL")
     p.set_defaults(func=cmd_schema)

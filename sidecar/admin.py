@@ -8,11 +8,15 @@ Rules that hold here:
 3. Responses never echo the token being invalidated.
 4. Bodies are read until their end, at most `MAX_BODY` bytes (413 beyond), however they are
    framed or cut into TCP segments.
+5. A body is accepted only in one of the documented forms (`sidecar.openapi`): exactly the
+   keys of one form, each of its type, a tenant id in the canonical 8-4-4-4-12 spelling. A
+   misspelt key or an unknown scope is a 400, never a 200 that invalidated nothing.
 """
 
 from __future__ import annotations
 
 import hmac
+import re
 import uuid
 from typing import TYPE_CHECKING
 
@@ -28,6 +32,12 @@ if TYPE_CHECKING:
     from sidecar.invalidation import Invalidator
 
 MAX_BODY = 64 * 1024
+# The canonical spelling only: uuid.UUID also takes braces, `urn:uuid:` and bare hex, which the
+# documented `format: uuid` does not.
+TENANT_ID_PATTERN = (r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}"
+                     r"-[0-9a-fA-F]{12}$")
+_TENANT_ID_RE = re.compile(TENANT_ID_PATTERN)
+_TOKEN_KEYS = frozenset({"token", "scope"})
 
 
 async def _read_body(content: StreamReader, limit: int) -> bytes | None:
@@ -66,23 +76,27 @@ def make_invalidate_handler(invalidator: Invalidator, admin_token: SecretStr | N
         if not isinstance(doc, dict):
             raise BadRequest("Body must be a JSON object")
 
-        token, scope, tenant = doc.get("token"), doc.get("scope"), doc.get("tenant_id")
-        if (token is None) == (tenant is None):
+        if ("token" in doc) == ("tenant_id" in doc):
             raise BadRequest("Give exactly one of 'token' or 'tenant_id'")
-        if scope is not None and (token is None or not isinstance(scope, str) or not scope):
-            raise BadRequest("'scope' must be a non-empty string and goes with 'token'")
-        if scope is not None and scope not in invalidator.scopes:
-            # A typo would otherwise invalidate nothing and still answer 200.
-            raise BadRequest("'scope' is not one of the scopes in SIDECAR_SCOPE_ROUTES")
-        if token is not None:
+        if "token" in doc:
+            if not doc.keys() <= _TOKEN_KEYS:
+                raise BadRequest("Only 'scope' may go with 'token'")
+            token, scope = doc["token"], doc.get("scope")
+            if "scope" in doc and (not isinstance(scope, str) or not scope):
+                raise BadRequest("'scope' must be a non-empty string")
+            if scope is not None and scope not in invalidator.scopes:
+                # A typo would otherwise invalidate nothing and still answer 200.
+                raise BadRequest("'scope' is not one of the scopes in SIDECAR_SCOPE_ROUTES")
             if not isinstance(token, str) or not token:
                 raise BadRequest("'token' must be a non-empty string")
             await invalidator.token(token, scope, source="admin")
             return json_body({"invalidated": "token", "scope": scope or "all"})
-        try:
-            tenant_id = str(uuid.UUID(str(tenant)))
-        except ValueError:
-            raise BadRequest("'tenant_id' must be a UUID") from None
+        if len(doc) != 1:
+            raise BadRequest("'tenant_id' goes alone")
+        tenant = doc["tenant_id"]
+        if not isinstance(tenant, str) or not _TENANT_ID_RE.fullmatch(tenant):
+            raise BadRequest("'tenant_id' must be a UUID")
+        tenant_id = str(uuid.UUID(tenant))
         await invalidator.tenant(tenant_id, source="admin", publish=True)
         return json_body({"invalidated": "tenant", "tenant_id": tenant_id})
 

@@ -45,7 +45,9 @@ log = logging.getLogger("sidecar.decision")
 
 DECISION_PATH = "/_sidecar/auth"
 # `/_sidecar/auth` and `/_sidecar/auth/...` only: `/_sidecar/authx` is an ordinary path.
-DECISION_ROUTE = DECISION_PATH + "{tail:(?:/.*)?}"
+# `[\s\S]`, not `.`: the router matches the decoded path, and a `%0A` in it must not send
+# the request past this endpoint (to the proxy, or to a plain-text 404).
+DECISION_ROUTE = DECISION_PATH + r"{tail:(?:/[\s\S]*)?}"
 
 # (uri header, method header) per proxy family, in the order they are reported in errors.
 ORIGINAL_HEADERS = (
@@ -73,7 +75,9 @@ _VARIANTS = [s for h in IDENTITY_HEADERS for s in _spellings(h) if s not in _CAN
 _REMOVE_ON_ALLOW = ", ".join(_VARIANTS)
 _REMOVE_ON_PUBLIC = ", ".join(_CANONICAL + _VARIANTS)
 
-_METHOD_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$")  # an RFC 9110 token
+METHOD_PATTERN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}"  # an RFC 9110 token
+_METHOD_RE = re.compile(METHOD_PATTERN)
+OWS = " \t"  # RFC 9110 optional whitespace
 
 _UNTRUSTED_WARNING_INTERVAL = 60.0
 
@@ -135,12 +139,14 @@ def original_request(request: web.BaseRequest, *, trusted: bool) -> OriginalRequ
         paths.append((tail, "the path after " + DECISION_PATH))
         methods.append((request.method, "the request method"))
     for uri_header, method_header in ORIGINAL_HEADERS:
+        # Only HTTP's optional whitespace is trimmed: any other character around a value
+        # (str.strip() would also drop \x1c or \xa0) makes it invalid, as documented.
         for value in request.headers.getall(uri_header, ()):
-            if value.strip():
-                paths.append((_path_of(value.strip(), uri_header), uri_header))
+            if value.strip(OWS):
+                paths.append((_path_of(value.strip(OWS), uri_header), uri_header))
         for value in request.headers.getall(method_header, ()):
-            if value.strip():
-                methods.append((value.strip(), method_header))
+            if value.strip(OWS):
+                methods.append((value.strip(OWS), method_header))
     if not paths:
         raise UndescribedRequest(())
     path, path_source = paths[0]
@@ -154,7 +160,7 @@ def original_request(request: web.BaseRequest, *, trusted: bool) -> OriginalRequ
         for other, source in paths[1:]:
             if normalize_path(other) != seen:
                 raise BadDecisionRequest(f"{source} and {path_source} describe different paths")
-    if not _METHOD_RE.match(method):
+    if not _METHOD_RE.fullmatch(method):
         raise BadDecisionRequest(f"{method_source} is not a valid method")
     for other, source in methods[1:]:
         if other.upper() != method.upper():

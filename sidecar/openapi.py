@@ -14,22 +14,37 @@ Rules that hold here:
 3. Error bodies are one schema, `Error`, narrowed per response to the code and status it has.
 4. Operations of the HEAD method document no response content: HEAD answers have no body.
 5. Header objects say `required: true` only for headers every response of that status has.
+6. Request parameters describe exactly what is accepted (schemathesis checks, against a
+   running sidecar, that schema-valid requests are not answered 400 and schema-invalid ones
+   are): patterns come from the regular expressions the handlers use. Where OpenAPI cannot
+   say it (Traefik's `X-Forwarded-*` instead of nginx's `X-Original-*`: "one of two headers"),
+   the rule is in prose and the parameters describe one complete way of asking.
+7. What depends on the settings (the scopes an admin request may name) is filled in from
+   them: the served document describes this sidecar, not every possible one.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection
 from typing import Any
 
 import orjson
 
 from sidecar import __version__
-from sidecar.admin import MAX_BODY
-from sidecar.decision import DECISION_PATH, ENVOY_REMOVE_HEADER, ORIGINAL_HEADERS
+from sidecar.admin import MAX_BODY, TENANT_ID_PATTERN
+from sidecar.decision import (
+    DECISION_PATH,
+    ENVOY_REMOVE_HEADER,
+    METHOD_PATTERN,
+    ORIGINAL_HEADERS,
+    OWS,
+)
 from sidecar.errors import MSG_INVALID, MSG_MISSING, MSG_SCHEME
 from sidecar.gate import REQUEST_ID_PATTERN
 from sidecar.headers import IDENTITY_HEADERS
 from sidecar.responses import WWW_AUTHENTICATE
+from sidecar.routing import INVALID_TARGET_RE
 
 JSON = dict[str, Any]
 
@@ -37,6 +52,18 @@ JSON = dict[str, Any]
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 _ERROR_REF = "#/components/schemas/Error"
+# A request target as the decision handler takes it (`decision._path_of`): origin form, or
+# absolute form with an http(s) scheme and an authority; none of INVALID_TARGET_RE's
+# characters; brackets (IPv6 literals) are left out of the authority, since urlsplit refuses
+# malformed ones. Surrounded by optional whitespace, which the handler trims.
+_NOT_IN_TARGET = INVALID_TARGET_RE.pattern.removeprefix("[").removesuffix("]")
+_OWS = "[" + OWS.replace("\t", r"\t") + "]*"
+_TARGET_PATTERN = (
+    f"^{_OWS}(?:/[^{_NOT_IN_TARGET}]*"
+    rf"|[Hh][Tt][Tt][Pp][Ss]?://[^/?\[\]{_NOT_IN_TARGET}]+(?:[/?][^{_NOT_IN_TARGET}]*)?)"
+    f"{_OWS}$")
+# An empty or blank method header is no description: the request's own method is used.
+_METHOD_HEADER_PATTERN = f"^{_OWS}(?:{METHOD_PATTERN})?{_OWS}$"
 _READINESS_REF = "#/components/schemas/Readiness"
 
 
@@ -95,25 +122,36 @@ def _decision_parameters(with_path: bool) -> list[JSON]:
         params.append({
             "name": "path", "in": "path", "required": True, "schema": {"type": "string"},
             "description": "Envoy `path_prefix`: the original request's path (it may contain "
-                           "`/`), judged with this request's own method whoever the peer is.",
+                           "`/`), judged with this request's own method whoever the peer is. "
+                           "The X-Original-* and X-Forwarded-* headers, when a "
+                           "trusted peer sends them too, must describe the same request "
+                           "(else 400); they add nothing, so they are not parameters here.",
         })
-    for uri_header, method_header in ORIGINAL_HEADERS:
-        proxy = "nginx `auth_request`" if uri_header == "X-Original-URI" else "Traefik"
+    else:
+        # nginx's pair; Traefik's pair is the same rule in prose (rule 6).
+        (uri, method), (traefik_uri, traefik_method) = ORIGINAL_HEADERS
         params.append({
-            "name": uri_header, "in": "header", "required": False,
-            "schema": {"type": "string"},
-            "description": f"{proxy}: the original request target (origin or absolute form). "
-                           "Read only from peers in SIDECAR_TRUSTED_PROXIES.",
+            "name": uri, "in": "header", "required": True,
+            "schema": {"type": "string", "pattern": _TARGET_PATTERN},
+            "description": "nginx `auth_request`: the original request target (origin or "
+                           f"absolute form). Traefik `ForwardAuth` sends `{traefik_uri}` "
+                           "instead, with the same rules; when both are sent they must name "
+                           "the same path. Read only from peers in SIDECAR_TRUSTED_PROXIES: "
+                           "from others, or without either header, the answer is 400.",
         })
         params.append({
-            "name": method_header, "in": "header", "required": False,
-            "schema": {"type": "string"},
-            "description": f"{proxy}: the original request method. Read only from peers in "
+            "name": method, "in": "header", "required": False,
+            "schema": {"type": "string", "pattern": _METHOD_HEADER_PATTERN},
+            "description": "nginx: the original request method (this request's own method "
+                           f"when absent or blank). Traefik sends `{traefik_method}` instead; "
+                           "when both are sent they must agree. Read only from peers in "
                            "SIDECAR_TRUSTED_PROXIES.",
         })
     params.append({"name": "X-Request-Id", "in": "header", "required": False,
-                   "schema": {"type": "string", "pattern": REQUEST_ID_PATTERN},
-                   "description": "Passed through when valid, else replaced by a generated id."})
+                   "schema": {"type": "string"},
+                   "description": "Passed through when it matches "
+                                  f"`{REQUEST_ID_PATTERN}`, else replaced by a generated id "
+                                  "(never refused)."})
     return params
 
 
@@ -193,7 +231,8 @@ def _admin_invalidate() -> JSON:
         "responses": {
             "200": {"description": "Invalidated. The token itself is never echoed.",
                     "content": _json_body({"$ref": "#/components/schemas/InvalidateResult"})},
-            "400": _error(400, "bad_request", "The body is not one of the documented forms."),
+            "400": _error(400, "bad_request", "The body is not one of the documented forms "
+                          "(an unknown key or scope, a tenant id not spelt 8-4-4-4-12)."),
             "401": _error(401, "unauthorized", "Missing or wrong admin token.",
                           messages=_UNAUTHORIZED_MESSAGES,
                           headers={"WWW-Authenticate": _WWW_AUTHENTICATE}),
@@ -203,8 +242,16 @@ def _admin_invalidate() -> JSON:
     }}
 
 
-def _schemas() -> JSON:
-    non_empty = {"type": "string", "minLength": 1}
+def _schemas(scopes: Collection[str] | None) -> JSON:
+    non_empty: JSON = {"type": "string", "minLength": 1}
+    tenant_id: JSON = {"type": "string", "format": "uuid", "pattern": TENANT_ID_PATTERN}
+    scope: JSON | bool = {**non_empty, "description": "Only this scope; all scopes when absent."}
+    scope_done: JSON = {**non_empty, "description": "The scope given, or `all`."}
+    if scopes is not None:
+        # An unknown scope is refused (a typo would otherwise invalidate nothing).
+        scope = {"enum": sorted(scopes), "description": "Only this scope (one of "
+                 "SIDECAR_SCOPE_ROUTES's); all scopes when absent."} if scopes else False
+        scope_done = {"enum": sorted({*scopes, "all"}), "description": scope_done["description"]}
     return {
         "Error": {
             "type": "object",
@@ -220,7 +267,9 @@ def _schemas() -> JSON:
         "Readiness": {
             "type": "object",
             "required": ["status", "postgres", "redis", "upstream"],
-            "additionalProperties": False,
+            # Components present only where configured (`postgres_read`, `invalidation`,
+            # `last_used`, ...) report in the same words.
+            "additionalProperties": {"enum": ["ok", "down", "disabled"]},
             "properties": {
                 "status": {"enum": ["ready", "degraded", "not_ready"],
                            "description": "`degraded`: serving from Postgres or a warm cache "
@@ -244,28 +293,27 @@ def _schemas() -> JSON:
         "InvalidateRequest": {"oneOf": [
             {"type": "object", "title": "token", "required": ["token"],
              "additionalProperties": False,
-             "properties": {"token": non_empty,
-                            "scope": {**non_empty, "description": "Only this scope; all "
-                                                                  "scopes when absent."}}},
+             "properties": {"token": non_empty, "scope": scope}},
             {"type": "object", "title": "tenant", "required": ["tenant_id"],
              "additionalProperties": False,
-             "properties": {"tenant_id": {"type": "string", "format": "uuid"}}},
+             "properties": {"tenant_id": tenant_id}},
         ]},
         "InvalidateResult": {"oneOf": [
             {"type": "object", "title": "token", "required": ["invalidated", "scope"],
              "additionalProperties": False,
              "properties": {"invalidated": {"const": "token"},
-                            "scope": {**non_empty, "description": "The scope given, or `all`."}}},
+                            "scope": scope_done}},
             {"type": "object", "title": "tenant", "required": ["invalidated", "tenant_id"],
              "additionalProperties": False,
              "properties": {"invalidated": {"const": "tenant"},
-                            "tenant_id": {"type": "string", "format": "uuid"}}},
+                            "tenant_id": tenant_id}},
         ]},
     }
 
 
-def openapi_document() -> JSON:
-    """A new copy of the document (callers may mutate it)."""
+def openapi_document(scopes: Collection[str] | None = None) -> JSON:
+    """A new copy of the document (callers may mutate it); with `scopes`, the settings' scopes,
+    it names the scopes an admin request may give, as the sidecar serves it (rule 7)."""
     decision = {method: _decision_operation(method, False) for method in HTTP_METHODS}
     decision_path = {method: _decision_operation(method, True) for method in HTTP_METHODS}
     return {
@@ -277,7 +325,9 @@ def openapi_document() -> JSON:
             "description": "Paths tagged `main` are served on the main listener, those tagged "
                            "`ops` on the ops listener (see each path's `servers`). Every other "
                            "path of the main listener is proxied to the upstream and is "
-                           "described by the upstream's own API.",
+                           "described by the upstream's own API. The decision endpoint "
+                           "answers every method; OpenAPI 3.1 can name eight, and any other "
+                           "(QUERY, PROPFIND, ...) is judged the same way.",
             "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
         },
         "tags": [
@@ -310,7 +360,7 @@ def openapi_document() -> JSON:
                         "type": "object", "required": ["openapi", "info", "paths"]})}})},
         },
         "components": {
-            "schemas": _schemas(),
+            "schemas": _schemas(scopes),
             "securitySchemes": {
                 "apiToken": {"type": "http", "scheme": "bearer",
                              "description": "An API token of the scope the original path "
@@ -323,6 +373,6 @@ def openapi_document() -> JSON:
 
 
 @functools.cache
-def openapi_json() -> bytes:
-    """The document serialised once: it only changes with the code."""
-    return orjson.dumps(openapi_document())
+def openapi_json(scopes: frozenset[str]) -> bytes:
+    """The served document, serialised once: it only changes with the code and the scopes."""
+    return orjson.dumps(openapi_document(scopes))

@@ -43,8 +43,13 @@ def make_metrics(metrics: Metrics) -> Handler:
     return metrics_handler
 
 
-async def openapi(request: web.Request) -> web.Response:
-    return web.Response(body=openapi_json(), content_type="application/json")
+def make_openapi(scopes: frozenset[str]) -> Handler:
+    body = openapi_json(scopes)
+
+    async def openapi(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=body, content_type="application/json")
+
+    return openapi
 
 
 def build_ops_app(
@@ -59,5 +64,5 @@ def build_ops_app(
     app.router.add_get("/readyz", make_readyz(readiness))
     app.router.add_get("/metrics", make_metrics(metrics))
     app.router.add_post("/admin/invalidate", make_invalidate_handler(invalidator, admin_token))
-    app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/openapi.json", make_openapi(invalidator.scopes))
     return app

@@ -233,11 +233,13 @@ async def check_ops(ck: Checker, live: Sidecar, dead: Sidecar, token: str) -> No
     await ck.call(live.ops_url(""), "GET", "/metrics", "/metrics", expect=200)
     _, body = await ck.call(live.ops_url(""), "GET", "/openapi.json", "/openapi.json",
                             expect=200)
-    assert orjson.loads(body) == openapi_document()
+    assert orjson.loads(body) == openapi_document(load_settings(**live.env).scopes)
 
     path = "/admin/invalidate"
-    request_schema = ck.validator("paths", path, "post", "requestBody", "content",
-                                  "application/json", "schema")
+    # The document as this sidecar serves it: it names the configured scopes.
+    served = Checker(openapi_document(load_settings(**live.env).scopes), ck.http)
+    request_schema = served.validator("paths", path, "post", "requestBody", "content",
+                                      "application/json", "schema")
     admin = bearer(ADMIN)
     for doc in ({"token": token}, {"token": token, "scope": "app"}, {"tenant_id": TENANT}):
         request_schema.validate(doc)  # what the sidecar accepts, the document accepts
@@ -246,6 +248,10 @@ async def check_ops(ck: Checker, live: Sidecar, dead: Sidecar, token: str) -> No
     refused: list[object] = [
         {"token": token, "tenant_id": TENANT}, {"tenant_id": "not-a-uuid"}, {"scope": "app"},
         {"token": ""}, {"tenant_id": TENANT, "scope": "app"}, [],
+        # Unknown keys, nulls, unknown scopes and other spellings of a UUID are refused too.
+        {"tenant_id": TENANT, "tenantid": TENANT}, {"token": token, "scope": None},
+        {"token": token, "scope": "no-such-scope"}, {"tenant_id": "{" + TENANT + "}"},
+        {"tenant_id": TENANT.replace("-", "")}, {"tenant_id": "urn:uuid:" + TENANT},
     ]
     for bad in refused:
         assert not request_schema.is_valid(bad), bad  # what it refuses, the document refuses

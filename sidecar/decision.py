@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from sidecar.errors import BadDecisionRequest, NotFound, UndescribedRequest
 from sidecar.gate import Gate, Handler
@@ -72,6 +73,8 @@ _CANONICAL = [h.lower() for h in IDENTITY_HEADERS]
 _VARIANTS = [s for h in IDENTITY_HEADERS for s in _spellings(h) if s not in _CANONICAL]
 _REMOVE_ON_ALLOW = ", ".join(_VARIANTS)
 _REMOVE_ON_PUBLIC = ", ".join(_CANONICAL + _VARIANTS)
+# Built once: the 200 of a public route is always the same (Response copies it).
+_PUBLIC_HEADERS: CIMultiDict[str] = CIMultiDict({ENVOY_REMOVE_HEADER: _REMOVE_ON_PUBLIC})
 
 _METHOD_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$")  # an RFC 9110 token
 
@@ -200,9 +203,9 @@ def make_decision_handler(gate: Gate, *, trusted_peers_only: bool = False) -> Ha
         info_of(request).judged_path = original.path
         identity = await gate.authorize(request, original.method, original.path)
         if identity is None:
-            return web.Response(status=200, headers={ENVOY_REMOVE_HEADER: _REMOVE_ON_PUBLIC})
-        headers = identity_headers(identity)
+            return web.Response(headers=_PUBLIC_HEADERS)
+        headers = CIMultiDict(identity_headers(identity))
         headers[ENVOY_REMOVE_HEADER] = _REMOVE_ON_ALLOW
-        return web.Response(status=200, headers=headers)
+        return web.Response(headers=headers)
 
     return decision_handler

@@ -115,6 +115,7 @@ def create_app(
             ),
             hide_credentials=settings.hide_credentials,
             host_header=settings.upstream_host_header,
+            lean=settings.upstream_client == "lean",
         )
     last_used = LastUsedQueue(
         DeferredPostgresWriter(lambda: store.pool, table=settings.last_used_table,

@@ -382,20 +382,19 @@ class Forwarder:
             info_of(request).upstream_ms = round(elapsed * 1000, 3)
             self.metrics.upstream_latency.observe(elapsed)
             self._count_status(conn.status)
-            response = web.StreamResponse(status=conn.status, reason=conn.reason or None)
-            response.headers.extend(downstream_response_headers(conn.headers))
-            info_of(request).stamp(response.headers)  # X-Request-Id, RateLimit-*
+            headers = downstream_response_headers(conn.headers)
+            info_of(request).stamp(headers)  # X-Request-Id, RateLimit-*
+            reason = conn.reason or None
             whole = conn.buffered_whole()
+            if whole is not None:
+                # The whole response is in: answered as a plain Response, which aiohttp writes
+                # head and body in one write (Content-Length set from the body unless the
+                # upstream's is kept; none for HEAD, 204 and 304).
+                return web.Response(status=conn.status, reason=reason, body=whole,
+                                    headers=headers)
+            response = web.StreamResponse(status=conn.status, reason=reason, headers=headers)
             try:
                 with upstream_errors(None, request):
-                    if whole is not None:
-                        # The whole response is in: head and body in one write.
-                        if ("Content-Length" not in response.headers and method != "HEAD"
-                                and conn.status not in (204, 304)):
-                            response.content_length = len(whole)
-                        await response.prepare(request)
-                        await response.write_eof(whole)
-                        return response
                     await response.prepare(request)
                     async for chunk in conn.body():
                         await response.write(chunk)

@@ -23,7 +23,8 @@ Rules that hold here:
    the upstream closes cleanly. A response to HEAD has no body whatever its headers say; its
    connection is closed afterwards (llhttp cannot be told the request was HEAD).
 4. Bounded memory: reading from the upstream pauses while more than `HIGH_WATER` bytes of
-   body wait for the client; writing the request body waits for the socket to drain.
+   body wait for the client; a response head over `MAX_HEAD_BYTES` is an error; writing the
+   request body waits for the socket to drain.
 5. Timeouts: connect within `connect_timeout` (else `ConnectTimeout`); the head and every
    body read within `read_timeout` of waiting (else TimeoutError).
 6. Only a reused connection that broke before any byte of the response came back is retried,
@@ -43,6 +44,9 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 HIGH_WATER = 256 * 1024
+# The response head (status line, headers, interim responses) may be this big; llhttp itself
+# has no bound. aiohttp's client allowed 128 fields of 8 KiB each.
+MAX_HEAD_BYTES = 128 * 1024
 LOW_WATER = 64 * 1024
 KEEPALIVE_TIMEOUT = 30.0
 
@@ -127,6 +131,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._reading_paused = False
         self.received = False
         self.body_sent = False
+        self._head_bytes = 0
+        self._header_bytes = 0
 
     def begin(self, head: bytes, *, head_request: bool) -> None:
         """Start an exchange: write the request head (the body follows with `write`)."""
@@ -156,6 +162,13 @@ class UpstreamConnection(asyncio.Protocol):
             return
         except httptools.HttpParserError:
             self._fail(BadUpstreamResponse("invalid HTTP response"))
+            return
+        if not self.head_done:
+            # An unfinished head: counted per read, so what it holds stays under the bound
+            # plus one read (a head and body arriving in one read are counted by on_header).
+            self._head_bytes += len(data)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._fail(BadUpstreamResponse("response head too large"))
             return
         if self._buffered > HIGH_WATER and not self._reading_paused and self.transport:
             self._reading_paused = True
@@ -190,11 +203,16 @@ class UpstreamConnection(asyncio.Protocol):
     # --- httptools callbacks -----------------------------------------------------------
 
     def on_status(self, reason: bytes) -> None:
-        self.reason = reason.decode("latin-1")
+        self.reason = reason.decode("utf-8", "surrogateescape")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.head_done:  # trailers (after the body) are dropped
-            self._raw_headers.append((name.decode("latin-1"), value.decode("latin-1")))
+            self._header_bytes += len(name) + len(value) + 4
+            if self._header_bytes > MAX_HEAD_BYTES:
+                self._head_bytes = self._header_bytes  # refused in data_received
+            # Decoded as aiohttp's parsers do, so bytes reach the client as they came.
+            self._raw_headers.append((name.decode("utf-8", "surrogateescape"),
+                                      value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -263,9 +281,13 @@ class UpstreamConnection(asyncio.Protocol):
             self._waiter = None
 
     async def read_head(self) -> None:
-        while not self.head_done:
+        """Until the response head is in. An error found meanwhile is raised even when the
+        head was whole (a bad chunk in the same read): nothing is sent to the client yet."""
+        while True:
             if self.exc is not None:
                 raise self.exc
+            if self.head_done:
+                return
             if self.closed:
                 raise UpstreamDisconnected("upstream closed the connection")
             await self._wait()

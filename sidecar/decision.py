@@ -137,13 +137,17 @@ def original_request(request: web.BaseRequest, *, trusted: bool) -> OriginalRequ
     if tail:
         paths.append((tail, "the path after " + DECISION_PATH))
         methods.append((request.method, "the request method"))
+    headers = request.headers
     for uri_header, method_header in ORIGINAL_HEADERS:
-        for value in request.headers.getall(uri_header, ()):
-            if value.strip():
-                paths.append((_path_of(value.strip(), uri_header), uri_header))
-        for value in request.headers.getall(method_header, ()):
-            if value.strip():
-                methods.append((value.strip(), method_header))
+        # `in` first: most requests carry one family, and getall allocates for each name.
+        if uri_header in headers:
+            for value in headers.getall(uri_header):
+                if value := value.strip():
+                    paths.append((_path_of(value, uri_header), uri_header))
+        if method_header in headers:
+            for value in headers.getall(method_header):
+                if value := value.strip():
+                    methods.append((value, method_header))
     if not paths:
         raise UndescribedRequest(())
     path, path_source = paths[0]

@@ -23,8 +23,9 @@ Rules that hold here:
    the upstream closes cleanly. A response to HEAD has no body whatever its headers say; its
    connection is closed afterwards (llhttp cannot be told the request was HEAD).
 4. Bounded memory: reading from the upstream pauses while more than `HIGH_WATER` bytes of
-   body wait for the client; a response head over `MAX_HEAD_BYTES` is an error; writing the
-   request body waits for the socket to drain.
+   body wait for the client; a response head, or bytes that complete nothing (a trailer
+   line), over `MAX_HEAD_BYTES` are an error; writing the request body waits for the socket
+   to drain.
 5. Timeouts: connect within `connect_timeout` (else `ConnectTimeout`); the head and every
    body read within `read_timeout` of waiting (else TimeoutError).
 6. Only a reused connection that broke before any byte of the response came back is retried,
@@ -131,8 +132,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._reading_paused = False
         self.received = False
         self.body_sent = False
-        self._head_bytes = 0
+        self._stalled_bytes = 0
         self._header_bytes = 0
+        self._progress = False
 
     def begin(self, head: bytes, *, head_request: bool) -> None:
         """Start an exchange: write the request head (the body follows with `write`)."""
@@ -163,12 +165,16 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError:
             self._fail(BadUpstreamResponse("invalid HTTP response"))
             return
-        if not self.head_done:
-            # An unfinished head: counted per read, so what it holds stays under the bound
-            # plus one read (a head and body arriving in one read are counted by on_header).
-            self._head_bytes += len(data)
-        if self._head_bytes > MAX_HEAD_BYTES:
-            self._fail(BadUpstreamResponse("response head too large"))
+        # Bytes that completed nothing (an unfinished head, an endless trailer line, which
+        # httptools accumulates) are counted across reads, so what they hold stays under the
+        # bound plus one read; a head that arrived in one read is counted by on_header.
+        if self._progress:
+            self._progress = False
+            self._stalled_bytes = 0
+        else:
+            self._stalled_bytes += len(data)
+        if self._stalled_bytes > MAX_HEAD_BYTES or self._header_bytes > MAX_HEAD_BYTES:
+            self._fail(BadUpstreamResponse("response head or trailers too large"))
             return
         if self._buffered > HIGH_WATER and not self._reading_paused and self.transport:
             self._reading_paused = True
@@ -207,14 +213,24 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.head_done:  # trailers (after the body) are dropped
-            self._header_bytes += len(name) + len(value) + 4
-            if self._header_bytes > MAX_HEAD_BYTES:
-                self._head_bytes = self._header_bytes  # refused in data_received
+            self._header_bytes += len(name) + len(value) + 4  # refused in data_received
             # Decoded as aiohttp's parsers do, so bytes reach the client as they came.
             self._raw_headers.append((name.decode("utf-8", "surrogateescape"),
                                       value.decode("utf-8", "surrogateescape")))
 
+    def on_message_begin(self) -> None:
+        if self.head_done:
+            # A second response after ours in the same read: nobody asked for it, so the
+            # connection is never reused (and on_headers_complete ignores its head).
+            self.keep_alive = False
+
+    def on_chunk_header(self) -> None:
+        self._progress = True
+
     def on_headers_complete(self) -> None:
+        self._progress = True
+        if self.head_done:
+            return  # the head of an unasked-for second response (on_message_begin)
         status = self._parser.get_status_code()
         if 100 <= status < 200:
             self._interim = True  # skipped; its on_message_complete resets what it set
@@ -234,11 +250,13 @@ class UpstreamConnection(asyncio.Protocol):
             self.keep_alive = False
 
     def on_body(self, body: bytes) -> None:
+        self._progress = True
         if not self.message_done:
             self._chunks.append(body)
             self._buffered += len(body)
 
     def on_message_complete(self) -> None:
+        self._progress = True
         if self._interim:
             self._interim = False
             self._raw_headers = []

@@ -452,3 +452,44 @@ async def test_oversized_head_is_502_and_header_bytes_pass_unchanged(
     data = await asyncio.wait_for(reader.read(), 10)
     writer.close()
     assert b"\r\nX-Name: caf\xc3\xa9\r\n" in data  # the upstream's bytes, not re-encoded
+
+
+async def test_endless_trailer_is_cut_and_unasked_response_never_reused(
+    make_sidecar: SidecarFactory, db: Db, raw_upstream: Callable[[Answer], RawUpstream]
+) -> None:
+    token, _ = await db.add_token("app")
+    up = raw_upstream(lambda _: None)
+    stop = asyncio.Event()
+
+    async def trailing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up.connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        if up.connections == 1:
+            # A second response right behind the first, in the same write.
+            writer.write(OK_HELLO + b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            await reader.read()  # until the sidecar closes it
+            writer.close()
+            return
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"3\r\nabc\r\n0\r\nX-Trailer: ")
+        while not stop.is_set() and not writer.is_closing():
+            writer.write(b"t" * 16384)  # a trailer line that never ends
+            try:
+                await writer.drain()
+            except ConnectionError:
+                break
+            await asyncio.sleep(0.005)
+        writer.close()
+
+    up.server = await asyncio.start_server(trailing, "127.0.0.1", 0)
+    sc = await make_sidecar(upstream_url=f"http://127.0.0.1:{up.port}")
+    try:
+        r = await get(sc, token)
+        assert (r.status, r.body) == (200, b"hello")  # the unasked-for 500 is not an answer
+        r = await get(sc, token)  # a new connection: the first one was not reused
+        assert up.connections == 2
+        assert r.status == 200
+        assert r.body == b"abc"  # then cut: the trailer is not buffered without end
+    finally:
+        stop.set()

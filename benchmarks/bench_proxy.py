@@ -22,8 +22,12 @@ uvloop when installed), so the ratios compare like with like. The sidecar runs a
 
 Each round runs every target once (`wrk -t1 -c<connections> -d<seconds>`) and then the latency
 probe (one keep-alive connection, sequential requests, p50). Targets alternate within every
-round, so a machine busy with something else for a while slows all of them alike; the table
-shows the median over the rounds. Then, unless switched off:
+round, and the two of each compared pair run back to back, so a machine busy with something
+else for a while slows both alike; the table shows the median over the rounds, and each goal
+ratio is the median of the per-round ratios. Throughput on a shared machine moves with whatever
+else runs on CPU 0, so each target's cost is also measured as CPU time (user + system) of the
+processes that serve it (the upstream and nginx included) per request: `req/s/core` is what one
+free core would serve, and the goals are judged on it. Then, unless switched off:
 
 * `--workers 1` against `--workers 2` (decision endpoint, both CPUs given to the sidecar: on a
   2-core machine wrk shares a core with it, so this shows the trend, not the ceiling);
@@ -191,11 +195,26 @@ class Target:
     method: str = "POST"
     path: str = PATH
     headers: dict[str, str] = field(default_factory=lambda: dict(AUTH))
+    # The processes that serve one request of this target (a proxy and its upstream, ...):
+    # their CPU time per request is what the target costs, whatever else runs on the machine.
+    pids: tuple[int, ...] = ()
     rps: list[float] = field(default_factory=list)
     p50_ms: list[float] = field(default_factory=list)
+    cpu_us: list[float] = field(default_factory=list)
+
+    def capacity(self) -> list[float]:
+        """Requests per second one dedicated core would serve, per round."""
+        return [1e6 / us for us in self.cpu_us]
 
 
 def wrk(target: Target, connections: int, seconds: float, script: Path | None = None) -> float:
+    return wrk_run(target, connections, seconds, script)[0]
+
+
+def wrk_run(target: Target, connections: int, seconds: float, script: Path | None = None
+            ) -> tuple[float, float | None]:
+    """req/s, and the CPU microseconds per request of the target's processes (None without
+    pids)."""
     cmd = ["taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s"]
     if script is not None:
         cmd += ["-s", str(script)]
@@ -204,15 +223,31 @@ def wrk(target: Target, connections: int, seconds: float, script: Path | None = 
     for k, v in target.headers.items():
         cmd += ["-H", f"{k}: {v}"]
     cmd.append(f"http://127.0.0.1:{target.port}{target.path}")
+    cpu_before = cpu_seconds(target.pids)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    cpu = cpu_seconds(target.pids) - cpu_before
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
     if bad or errors:
         raise RuntimeError(f"{target.name}: wrk saw failures:\n{out}")
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if match is None:
+    count = re.search(r"(\d+) requests in", out)
+    if match is None or count is None:
         raise RuntimeError(f"{target.name}: no wrk result:\n{out}")
-    return float(match.group(1))
+    per_request = cpu * 1e6 / int(count.group(1)) if target.pids else None
+    return float(match.group(1)), per_request
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: tuple[int, ...]) -> float:
+    """User + system CPU time of these processes so far."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / _TICKS
 
 
 _SCRIPTS: dict[str, Path] = {}
@@ -268,7 +303,10 @@ def compare(targets: list[Target], args: argparse.Namespace) -> None:
     for r in range(args.rounds):
         order = targets if r % 2 == 0 else targets[::-1]
         for t in order:
-            t.rps.append(wrk(t, args.connections, args.seconds))
+            rps, cpu_us = wrk_run(t, args.connections, args.seconds)
+            t.rps.append(rps)
+            if cpu_us is not None:
+                t.cpu_us.append(cpu_us)
         for t in order:
             t.p50_ms.append(probe(t, args.probe))
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
@@ -282,30 +320,42 @@ def report(targets: dict[str, Target], loop: str, args: argparse.Namespace) -> N
     print(f"\nPython {sys.version.split()[0]}, event loop {loop}, servers on CPU {SERVER_CPU}, "
           f"wrk -t1 -c{args.connections} -d{args.seconds:g}s and the probe on CPU {CLIENT_CPU}; "
           f"medians of {args.rounds} rounds\n")
-    header = f"{'target':28}{'req/s':>9}{'p50 ms':>9}   rounds (req/s)"
+    header = (f"{'target':24}{'req/s':>8}{'p50 ms':>8}{'CPU us/req':>11}{'req/s/core':>11}"
+              "   rounds (req/s)")
     print(header)
-    print("-" * 70)
+    print("-" * 92)
     for t in targets.values():
         rounds = " ".join(f"{v:.0f}" for v in t.rps)
-        print(f"{t.name:28}{median(t.rps):9.0f}{median(t.p50_ms):9.3f}   {rounds}")
+        print(f"{t.name:24}{median(t.rps):8.0f}{median(t.p50_ms):8.3f}{median(t.cpu_us):11.1f}"
+              f"{median(t.capacity()):11.0f}   {rounds}")
+    print("\n(CPU us/req: user+system time of the processes serving the target, the upstream and"
+          "\nnginx included, per request; req/s/core = 1e6 / that: what one free core would give.)")
 
-    def ratio(a: str, b: str) -> float | None:
+    def ratio(a: str, b: str, of: str) -> float | None:
+        # Per round (the two ran back to back, under the same load), then the median: the
+        # machine's other work moves both alike within a round, not across rounds.
         if a not in targets or b not in targets:
             return None
-        return median(targets[a].rps) / median(targets[b].rps)
+        x, y = ((targets[a].rps, targets[b].rps) if of == "rps"
+                else (targets[a].capacity(), targets[b].capacity()))
+        return median([u / v for u, v in zip(x, y, strict=True)])
 
-    print("\ngoals of issue 10:")
+    print("\ngoals of issue 10 (medians of per-round ratios; by CPU time per request, and by "
+          "req/s):")
     goals = [
-        ("decision / bare aiohttp", ratio("sidecar decision", "bare aiohttp"), 0.85),
-        ("proxy / naive forwarder", ratio("sidecar proxy", "naive forwarder"), 1.5),
-        ("auth_request / proxy_pass", ratio("nginx auth_request", "nginx proxy_pass"), 0.5),
+        ("decision / bare aiohttp", "sidecar decision", "bare aiohttp", 0.85),
+        ("proxy / naive forwarder", "sidecar proxy", "naive forwarder", 1.5),
+        ("auth_request / proxy_pass", "nginx auth_request", "nginx proxy_pass", 0.5),
     ]
-    for label, value, goal in goals:
-        if value is not None:
-            verdict = "met" if value >= goal else "NOT met"
-            print(f"  {label:32} x{value:.2f}  (goal >= {goal}: {verdict})")
-    if "sidecar proxy" in targets:
-        added = median(targets["sidecar proxy"].p50_ms) - median(targets["bare aiohttp"].p50_ms)
+    for label, a, b, goal in goals:
+        by_cpu, by_rps = ratio(a, b, "cpu"), ratio(a, b, "rps")
+        if by_cpu is not None and by_rps is not None:
+            verdict = "met" if by_cpu >= goal else "NOT met"
+            print(f"  {label:28} x{by_cpu:.2f} by CPU, x{by_rps:.2f} by req/s  "
+                  f"(goal >= {goal}: {verdict})")
+    if "sidecar proxy" in targets and "bare aiohttp" in targets:
+        added = median([x - y for x, y in zip(targets["sidecar proxy"].p50_ms,
+                                              targets["bare aiohttp"].p50_ms, strict=True)])
         verdict = "met" if added <= 0.15 else "NOT met"
         print(f"  {'proxy p50 added over direct':32} {added:+.3f} ms  (goal <= 0.15 ms: "
               f"{verdict})")
@@ -434,12 +484,17 @@ def main() -> None:
             decision = sidecar("sidecar decision", dsn, tmp / "decision.log")
             proxy = sidecar("sidecar proxy", dsn, tmp / "proxy.log", upstream=upstream)
             procs += [decision, proxy]
+            # Each pair the goals compare runs back to back in every round.
+            up_pid, naive_pid = procs[0].popen.pid, procs[1].popen.pid
+            decision_pid, proxy_pid = sidecar_pid(decision), sidecar_pid(proxy)
             targets = {
-                "bare aiohttp": Target("bare aiohttp", up_port),
-                "naive forwarder": Target("naive forwarder", naive_port),
+                "bare aiohttp": Target("bare aiohttp", up_port, pids=(up_pid,)),
                 "sidecar decision": Target("sidecar decision", decision.port, "GET",
-                                           "/_sidecar/auth", dict(DECISION_HEADERS)),
-                "sidecar proxy": Target("sidecar proxy", proxy.port),
+                                           "/_sidecar/auth", dict(DECISION_HEADERS),
+                                           pids=(decision_pid,)),
+                "naive forwarder": Target("naive forwarder", naive_port,
+                                          pids=(naive_pid, up_pid)),
+                "sidecar proxy": Target("sidecar proxy", proxy.port, pids=(proxy_pid, up_pid)),
             }
             try:
                 plain, proxied, auth = free_port(), free_port(), free_port()
@@ -449,11 +504,14 @@ def main() -> None:
                 assert nginx.proc is not None
                 subprocess.run(["taskset", "-p", "-c", SERVER_CPU, str(nginx.proc.pid)],
                                check=True, stdout=subprocess.DEVNULL)
+                nginx_pid = nginx.proc.pid
                 targets = {
-                    "nginx return 200": Target("nginx return 200", plain),
-                    "nginx proxy_pass": Target("nginx proxy_pass", proxied),
+                    "nginx return 200": Target("nginx return 200", plain, pids=(nginx_pid,)),
                     **targets,
-                    "nginx auth_request": Target("nginx auth_request", auth),
+                    "nginx proxy_pass": Target("nginx proxy_pass", proxied,
+                                               pids=(nginx_pid, up_pid)),
+                    "nginx auth_request": Target("nginx auth_request", auth,
+                                                 pids=(nginx_pid, decision_pid, up_pid)),
                 }
             except ServerUnavailable:
                 print("nginx not installed: its rows are skipped", file=sys.stderr)

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.auth import Authenticator, CachePolicy, LockPolicy
 from sidecar.cache import LocalCache
 from sidecar.decision import DECISION_ROUTE, make_decision_handler
-from sidecar.gate import Gate, add_response_headers, make_proxy_handler, not_found
+from sidecar.gate import Gate, make_proxy_handler, not_found
 from sidecar.invalidation import Invalidator
 from sidecar.last_used import DeferredPostgresWriter, LastUsedQueue
 from sidecar.last_used_handoff import RedisLastUsedHandoff
@@ -34,7 +34,6 @@ from sidecar.ratelimit import RateLimiter
 from sidecar.readiness import Readiness
 from sidecar.rediscache import PUBSUB_CHANNEL, RedisCache
 from sidecar.redisclient import GuardedRedis, connect
-from sidecar.responses import error_middleware
 from sidecar.routing import Router
 from sidecar.settings import Settings, listen_dsn
 from sidecar.store import PostgresTokenStore
@@ -121,6 +120,7 @@ def create_app(
             ),
             hide_credentials=settings.hide_credentials,
             host_header=settings.upstream_host_header,
+            lean=settings.upstream_client == "lean",
         )
     last_used = LastUsedQueue(
         DeferredPostgresWriter(lambda: store.pool, table=settings.last_used_table,
@@ -171,8 +171,9 @@ def create_app(
     )
 
     # client_max_size=0: bodies are streamed, never buffered, so no size cap applies here.
-    app = web.Application(middlewares=[gate.middleware(), error_middleware], client_max_size=0)
-    app.on_response_prepare.append(add_response_headers)
+    # No middleware and no on_response_prepare hook: each route's handler is wrapped in
+    # `gate.handler`, which does their work in one call per request (sidecar.gate rule 6).
+    app = web.Application(client_max_size=0)
     app[METRICS] = metrics
     app[LAST_USED] = last_used
     app[STORE] = store
@@ -240,10 +241,11 @@ def create_app(
 
     app.cleanup_ctx.extend([store_ctx, redis_ctx, subscriptions_ctx, forwarder_ctx,
                             last_used_ctx])
-    app.router.add_route("*", DECISION_ROUTE,
-                         make_decision_handler(gate, trusted_peers_only=forwarder is not None))
+    app.router.add_route("*", DECISION_ROUTE, gate.handler(
+        make_decision_handler(gate, trusted_peers_only=forwarder is not None)))
     app.router.add_route("*", "/{tail:.*}",
-                         make_proxy_handler(gate, forwarder) if forwarder else not_found,
+                         gate.handler(make_proxy_handler(gate, forwarder) if forwarder
+                                      else not_found),
                          expect_handler=Forwarder.defer_continue, name=UPSTREAM_ROUTE)
     return app
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from sidecar.errors import BadDecisionRequest, NotFound, UndescribedRequest
 from sidecar.gate import Gate, Handler
@@ -74,6 +75,8 @@ _CANONICAL = [h.lower() for h in IDENTITY_HEADERS]
 _VARIANTS = [s for h in IDENTITY_HEADERS for s in _spellings(h) if s not in _CANONICAL]
 _REMOVE_ON_ALLOW = ", ".join(_VARIANTS)
 _REMOVE_ON_PUBLIC = ", ".join(_CANONICAL + _VARIANTS)
+# Built once: the 200 of a public route is always the same (Response copies it).
+_PUBLIC_HEADERS: CIMultiDict[str] = CIMultiDict({ENVOY_REMOVE_HEADER: _REMOVE_ON_PUBLIC})
 
 METHOD_PATTERN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}"  # an RFC 9110 token
 _METHOD_RE = re.compile(METHOD_PATTERN)
@@ -138,15 +141,19 @@ def original_request(request: web.BaseRequest, *, trusted: bool) -> OriginalRequ
     if tail:
         paths.append((tail, "the path after " + DECISION_PATH))
         methods.append((request.method, "the request method"))
+    headers = request.headers
     for uri_header, method_header in ORIGINAL_HEADERS:
+        # `in` first: most requests carry one family, and getall allocates for each name.
         # Only HTTP's optional whitespace is trimmed: any other character around a value
         # (str.strip() would also drop \x1c or \xa0) makes it invalid, as documented.
-        for value in request.headers.getall(uri_header, ()):
-            if value.strip(OWS):
-                paths.append((_path_of(value.strip(OWS), uri_header), uri_header))
-        for value in request.headers.getall(method_header, ()):
-            if value.strip(OWS):
-                methods.append((value.strip(OWS), method_header))
+        if uri_header in headers:
+            for value in headers.getall(uri_header):
+                if value := value.strip(OWS):
+                    paths.append((_path_of(value, uri_header), uri_header))
+        if method_header in headers:
+            for value in headers.getall(method_header):
+                if value := value.strip(OWS):
+                    methods.append((value, method_header))
     if not paths:
         raise UndescribedRequest(())
     path, path_source = paths[0]
@@ -206,9 +213,9 @@ def make_decision_handler(gate: Gate, *, trusted_peers_only: bool = False) -> Ha
         info_of(request).judged_path = original.path
         identity = await gate.authorize(request, original.method, original.path)
         if identity is None:
-            return web.Response(status=200, headers={ENVOY_REMOVE_HEADER: _REMOVE_ON_PUBLIC})
-        headers = identity_headers(identity)
+            return web.Response(headers=_PUBLIC_HEADERS)
+        headers = CIMultiDict(identity_headers(identity))
         headers[ENVOY_REMOVE_HEADER] = _REMOVE_ON_ALLOW
-        return web.Response(status=200, headers=headers)
+        return web.Response(headers=headers)
 
     return decision_handler

@@ -10,6 +10,7 @@ Rules that hold here:
 
 from __future__ import annotations
 
+import functools
 import re
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -35,7 +36,9 @@ _FORWARDING = frozenset({
 _NOT_ALNUM = re.compile(r"[^0-9a-z]")
 
 
+@functools.lru_cache(maxsize=1024)
 def canonical(name: str) -> str:
+    # Cached: it runs for every header of every proxied request, over few distinct names.
     return _NOT_ALNUM.sub("-", name.lower())
 
 

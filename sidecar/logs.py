@@ -88,15 +88,23 @@ class AccessLog:
         self._pid = os.getpid()
         self._second = -1
         self._ts_prefix = ""
+        self._millis = -1
+        self._ts_text = ""
 
     def _ts(self, now: float) -> str:
         # The same text as JsonFormatter's isoformat(timespec="milliseconds"), with the
-        # date part formatted once per second.
-        second = int(now)
+        # date part formatted once per second and the whole once per millisecond (under
+        # load, several lines share one).
+        millis = int(now * 1000)
+        if millis == self._millis:
+            return self._ts_text
+        second = millis // 1000
         if second != self._second:
             self._second = second
             self._ts_prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        return f"{self._ts_prefix}.{int((now - second) * 1000):03d}+00:00"
+        self._millis = millis
+        self._ts_text = f"{self._ts_prefix}.{millis % 1000:03d}+00:00"
+        return self._ts_text
 
     def log(self, request: BaseRequest, response: StreamResponse, seconds: float) -> None:
         info = info_of(request)

@@ -7,7 +7,7 @@ Rules that hold here:
 2. Failures before the upstream's response headers become `UpstreamUnavailable` (502) or
    `UpstreamTimeout` (504). After the headers have been sent, the status can no longer change:
    the client connection is cut instead, so a truncated body is never mistaken for a whole one.
-3. The client session does not decompress, follow redirects or keep cookies: the upstream's
+3. Neither client decompresses, follows redirects or keeps cookies: the upstream's
    bytes reach the client as they were.
 4. At most `max_connections` requests and WebSockets talk to the upstream at once; a request
    waits at most `pool_timeout` for its turn, then gets 504. Nothing waits unbounded.
@@ -16,6 +16,9 @@ Rules that hold here:
    (`Forwarder.defer_continue`).
 6. A WebSocket message larger than `websocket_max_message` bytes, in either direction, closes
    the socket with 1009 instead of being buffered; it never reaches the other side.
+7. Plain HTTP requests go through `sidecar.upstream` (`lean`, the default: its own framing
+   rules hold there) or aiohttp's ClientSession (SIDECAR_UPSTREAM_CLIENT=aiohttp); both give
+   the same answers for the same upstream bytes. WebSockets always use the ClientSession.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +52,14 @@ from sidecar.models import Identity
 from sidecar.outcomes import Outcome
 from sidecar.request_info import info_of
 from sidecar.responses import client_gone, error_response, json_error, outcome_of
+from sidecar.upstream import (
+    IDEMPOTENT,
+    RequestBodyFailed,
+    UpstreamConnection,
+    UpstreamDisconnected,
+    UpstreamPool,
+    request_head,
+)
 
 log = logging.getLogger("sidecar.proxy")
 
@@ -130,8 +142,12 @@ class Forwarder:
         limits: UpstreamLimits,
         hide_credentials: bool,
         host_header: str | None,
+        lean: bool = True,
     ) -> None:
         self.base = upstream_url.rstrip("/")
+        # Plain HTTP requests go through `sidecar.upstream` (lean) or aiohttp's ClientSession;
+        # WebSockets always through the latter.
+        self.lean = lean
         self.metrics = metrics
         self.hide_credentials = hide_credentials
         self.host_header = host_header
@@ -152,8 +168,19 @@ class Forwarder:
         self._base_parts = (base.scheme, base.raw_host or "", base.explicit_port,
                             base.raw_path.rstrip("/"))
         self._status_children: dict[str, Any] = {}
+        self._prefix = base.raw_path.rstrip("/")
+        host = base.raw_host or ""
+        bracketed = f"[{host}]" if ":" in host else host
+        self._default_host = (bracketed if base.explicit_port is None
+                              else f"{bracketed}:{base.explicit_port}")
+        self._pool: UpstreamPool | None = None
 
     async def start(self) -> None:
+        scheme, host, port, _ = self._base_parts
+        self._pool = UpstreamPool(
+            host, port or (443 if scheme == "https" else 80),
+            ssl_context=ssl.create_default_context() if scheme == "https" else None,
+            connect_timeout=self.limits.connect_timeout, read_timeout=self.limits.timeout)
         connector = aiohttp.TCPConnector(
             limit=self.limits.max_connections, limit_per_host=0, keepalive_timeout=30,
             enable_cleanup_closed=True,
@@ -167,6 +194,8 @@ class Forwarder:
         )
 
     async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -223,6 +252,9 @@ class Forwarder:
         try:
             if _is_websocket(request):
                 return await self._websocket(request, url, headers)
+            if self.lean and self._pool is not None:
+                target = self._prefix + path + (f"?{query}" if query else "")
+                return await self._lean(request, self._pool, target, headers)
             return await self._http(request, url, headers)
         finally:
             self._slots.release()
@@ -289,7 +321,7 @@ class Forwarder:
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.extend(downstream_response_headers(upstream.headers))
-            # X-Request-Id and RateLimit-* are added by the app's on_response_prepare hook.
+            info_of(request).stamp(response.headers)  # X-Request-Id, RateLimit-*
             await response.prepare(request)
             try:
                 with upstream_errors(None, request):
@@ -306,6 +338,84 @@ class Forwarder:
                 return response
             await response.write_eof()
         return response
+
+    async def _lean(self, request: web.Request, pool: UpstreamPool, target: str,
+                    headers: CIMultiDict[str]) -> web.StreamResponse:
+        """`_http` on `sidecar.upstream`: same answers, same framing to the client."""
+        content = request.content if request.body_exists else None
+        if content is not None and _expects_continue(request):
+            await request.writer.write(_CONTINUE)
+            request.writer.output_size = 0
+        method = request.method
+        head, chunked = request_head(method, target, headers, has_body=content is not None,
+                                     default_host=self._default_host)
+        started = time.perf_counter()
+        conn: UpstreamConnection | None = None
+        sender: asyncio.Task[None] | None = None
+        try:
+            try:
+                with upstream_errors(self.metrics, request):
+                    conn = await pool.acquire()
+                    conn.begin(head, head_request=method == "HEAD")
+                    if content is None:
+                        conn.body_sent = True
+                    else:
+                        sender = asyncio.create_task(_send_body(conn, content, chunked))
+                    try:
+                        await conn.read_head()
+                    except UpstreamDisconnected:
+                        # Rule 6 of sidecar.upstream: a pooled connection the upstream closed
+                        # as we wrote on it; nothing of the request was read by anyone.
+                        if not (conn.reused and not conn.received and content is None
+                                and method in IDEMPOTENT):
+                            raise
+                        conn.close()
+                        conn = await pool.connect()
+                        conn.begin(head, head_request=method == "HEAD")
+                        conn.body_sent = True
+                        await conn.read_head()
+            except UpstreamUnavailable as exc:
+                log.warning("upstream request failed: %s", _cause(exc))
+                raise
+            assert conn.headers is not None
+            elapsed = time.perf_counter() - started
+            info_of(request).upstream_ms = round(elapsed * 1000, 3)
+            self.metrics.upstream_latency.observe(elapsed)
+            self._count_status(conn.status)
+            headers = downstream_response_headers(conn.headers)
+            info_of(request).stamp(headers)  # X-Request-Id, RateLimit-*
+            reason = conn.reason or None
+            whole = conn.buffered_whole()
+            if whole is not None:
+                # The whole response is in: answered as a plain Response, which aiohttp writes
+                # head and body in one write (Content-Length set from the body unless the
+                # upstream's is kept; none for HEAD, 204 and 304).
+                return web.Response(status=conn.status, reason=reason, body=whole,
+                                    headers=headers)
+            response = web.StreamResponse(status=conn.status, reason=reason, headers=headers)
+            try:
+                with upstream_errors(None, request):
+                    await response.prepare(request)
+                    async for chunk in conn.body():
+                        await response.write(chunk)
+            except ClientClosed:
+                info_of(request).outcome = Outcome.CLIENT_CLOSED
+                return response
+            except UpstreamError as exc:
+                # Headers are out; cutting the connection is the only honest signal left.
+                log.warning("upstream body interrupted: %s", _cause(exc))
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            await response.write_eof()
+            return response
+        finally:
+            if sender is not None and not sender.done():
+                # The upstream answered before the upload was whole: the connection is closed
+                # below (body_sent is False), so the upstream never sees it complete.
+                sender.cancel()
+            if conn is not None:
+                pool.release(conn)
 
     async def _websocket(
         self, request: web.Request, url: URL, headers: CIMultiDict[str]
@@ -339,6 +449,7 @@ class Forwarder:
             protocols=(upstream_ws.protocol,) if upstream_ws.protocol else (),
             autoping=False, autoclose=False, max_msg_size=max_msg_size,
         )
+        info_of(request).stamp(client_ws.headers)  # kept by the handshake's own headers
         await client_ws.prepare(request)
 
         async def pump(
@@ -386,6 +497,30 @@ def _handshake_refusal(status: int, upstream_headers: MultiMapping[str] | None) 
             if name.lower() not in _REFUSAL_SKIP:
                 response.headers.add(name, value)
     return response
+
+
+async def _send_body(conn: UpstreamConnection, content: aiohttp.StreamReader,
+                     chunked: bool) -> None:
+    """The client's body to the upstream as it arrives. Any failure aborts the exchange: the
+    upstream connection is cut, never left looking like a whole request."""
+    try:
+        while True:
+            data = await content.readany()
+            if not data:
+                break
+            if chunked:
+                conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+            else:
+                conn.write(data)
+            await conn.drain()
+        if chunked:
+            conn.write(b"0\r\n\r\n")
+        conn.body_sent = True
+    except asyncio.CancelledError:
+        conn.close()
+        raise
+    except Exception as exc:
+        conn.abort(RequestBodyFailed(type(exc).__name__))
 
 
 def _expects_continue(request: web.Request) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from sidecar.outcomes import Outcome
 
@@ -22,6 +23,15 @@ class RequestInfo:
     upstream_ms: float | None = None
     # RateLimit-* headers of an allowed request, for its response (SPEC 9).
     rate_headers: dict[str, str] | None = None
+
+    def stamp(self, headers: CIMultiDict[str]) -> None:
+        """Add the headers every response of the main listener carries: `X-Request-Id`, and
+        an allowed request's `RateLimit-*`. Called where a response is built, before it is
+        prepared (a streamed or WebSocket response cannot take headers afterwards)."""
+        if self.request_id:
+            headers["X-Request-Id"] = self.request_id
+        if self.rate_headers and self.outcome == Outcome.ALLOWED:
+            headers.update(self.rate_headers)
 
 
 REQUEST_INFO = web.RequestKey("sidecar.request_info", RequestInfo)

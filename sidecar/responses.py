@@ -1,5 +1,5 @@
-"""The one table from domain errors to HTTP responses (Dify-shaped JSON bodies), and the
-middleware that applies it on both listeners.
+"""The one table from domain errors to HTTP responses (Dify-shaped JSON bodies), and
+`answer_errors`, which applies it on both listeners.
 
 Rules that hold here:
 1. Every `SidecarError` has a row, found along its class's MRO (the most specific row wins);
@@ -109,10 +109,10 @@ def client_gone(request: web.BaseRequest) -> bool:
     return transport is None or transport.is_closing()
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Rule 1, on both listeners. The outcome of an error is the table's, unless the handler
-    already decided one (an allowed request the upstream failed stays `allowed`)."""
+async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Rule 1: `handler`'s response, or the response its error stands for. The outcome of an
+    error is the table's, unless the handler already decided one (an allowed request the
+    upstream failed stays `allowed`)."""
     try:
         return await handler(request)
     except SidecarError as exc:
@@ -133,3 +133,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("unhandled error", extra={"fields": {"request_id": info.request_id}})
         info.outcome = info.outcome or Outcome.ERROR
         return json_error(500, INTERNAL_ERROR.code, "Internal error")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Rule 1 as a middleware (the ops listener; the main one wraps its handlers in
+    `Gate.handler`, which calls `answer_errors` itself)."""
+    return await answer_errors(request, handler)

@@ -135,6 +135,7 @@ class Settings(BaseSettings):
     upstream_connect_timeout: float = Field(5.0, gt=0)
     upstream_max_connections: int = Field(1000, ge=1)
     upstream_pool_timeout: float = Field(5.0, ge=0)
+    upstream_client: Literal["lean", "aiohttp"] = "lean"
     websocket_max_message: int = Field(16 * 1024 * 1024, ge=1)
     trusted_proxies: Annotated[tuple[IPNetwork, ...], NoDecode] = parse_networks(
         "127.0.0.1/32,::1/128"

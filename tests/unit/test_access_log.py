@@ -123,3 +123,13 @@ def test_access_log_setting_values() -> None:
     assert load_settings(database_url=DSN, access_log="denied").access_log == "denied"
     with pytest.raises(SettingsError):
         load_settings(database_url=DSN, access_log="some")
+
+
+def test_timestamps_match_the_formatter_to_the_millisecond() -> None:
+    from datetime import UTC, datetime
+
+    log = AccessLog(io.BytesIO())
+    for now in (1764700000.0, 1764700000.0004, 1764700000.9996, 1764700001.0, 1764700001.5,
+                1764700001.5009, 1764786399.123):
+        expected = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
+        assert log._ts(now) == expected, now

@@ -104,11 +104,16 @@ async def test_redis_outage_under_load_uses_circuit_breaker(
     # Without a breaker every request would have failed against Redis; with it, only probes.
     assert outage_requests > 100
     assert errors_during_outage <= 12, (errors_during_outage, outage_requests)
-    # The restarted Redis is empty: the first request fills it, the second is answered by it.
+    # The restarted Redis is empty: a request fills it and a later one is answered by it. Not
+    # necessarily the very next one: a pooled connection opened before the restart fails once
+    # when first used again (each failure is one Redis error, and the request is still 200).
     hits_before = metrics.cache_lookups.labels(tier="l2", result="hit")._value.get()
-    assert await status(http, sc, tokens[0]) == 200
-    assert await status(http, sc, tokens[0]) == 200
-    assert metrics.cache_lookups.labels(tier="l2", result="hit")._value.get() >= hits_before + 1
+
+    async def answered_by_redis() -> bool:
+        assert await status(http, sc, tokens[0]) == 200
+        return metrics.cache_lookups.labels(tier="l2", result="hit")._value.get() > hits_before
+
+    await within(5.0, answered_by_redis)
 
 
 async def test_postgres_errors_other_than_connection_are_503_not_500(

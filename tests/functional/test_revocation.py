@@ -248,6 +248,8 @@ async def test_revocation_while_redis_hangs_is_not_undone_when_it_returns(
     await always(1.5, refused)
 
 
+# A thousand requests on the test's own loop: see test_single_flight.CROWDED_LOOP.
+@pytest.mark.blocking_ok
 async def test_bulk_revocation_is_applied_in_batches(
     make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
     redis_url: str, redis_client: aioredis.Redis,

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import pytest
 import redis.asyncio as aioredis
 
 from tests.conftest import Db, SidecarFactory
@@ -21,7 +22,14 @@ async def redis_data_calls(client: aioredis.Redis) -> int:
                                          "smembers"))
 
 
+# Thousands of client and server connections share the test's one event loop: on a loaded
+# 2-core machine a single loop iteration over them (or a GC pass over their objects) can
+# exceed the stall threshold without anything blocking. What these tests assert is counts
+# of lookups and Redis calls, which no stall can make pass wrongly.
+CROWDED_LOOP = pytest.mark.blocking_ok
 
+
+@CROWDED_LOOP
 async def test_thousand_concurrent_misses_make_one_lookup(
     make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
     redis_url: str,
@@ -54,6 +62,7 @@ async def test_thousand_concurrent_misses_make_one_lookup(
     assert await db.lookup_count() - before == 2
 
 
+@CROWDED_LOOP
 async def test_fresh_local_entry_makes_no_redis_calls(
     make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
     redis_url: str, redis_client: aioredis.Redis,

@@ -1,5 +1,6 @@
 """The breaker-guarded Redis client every Redis user of the sidecar goes through (the token
-cache, rate limits, readiness, the pub/sub subscriber).
+cache, rate limits, readiness, the pub/sub subscriber), and how it is built for each
+topology (SPEC 3.5): one server, a Redis Cluster, or a master found through Sentinels.
 
 Rules that hold here:
 1. `call()` never raises for a Redis problem: it is counted, trips the circuit breaker and
@@ -9,6 +10,15 @@ Rules that hold here:
 3. Lua scripts are registered once (`script()`): each call then sends EVALSHA and the SHA;
    redis-py loads the script again by itself when a server answers NOSCRIPT (after a restart
    or a failover).
+4. Redirections are not failures: the cluster client follows MOVED/ASK itself, and only an
+   error it gives up on reaches the breaker.
+5. Every error that changes what we know is logged once, with the driver's own class and
+   message and every configured password replaced by `***`: the circuit opening, and a
+   different error while it stays open. Repeats of the same error are debug lines.
+6. With Sentinel, writes never go to a demoted master: redis-py's SentinelConnectionPool turns
+   READONLY into a lost connection and asks the Sentinels again on the next connect; any
+   READONLY that still reaches us (from a script) drops the pool's connections for the same
+   effect.
 """
 
 from __future__ import annotations
@@ -16,54 +26,172 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection, parse_url
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import ReadOnlyError, RedisError
 from redis.retry import Retry
 
 from sidecar.breaker import CircuitBreaker
 from sidecar.metrics import Metrics
 
+if TYPE_CHECKING:
+    from sidecar.settings import Settings
+
 log = logging.getLogger("sidecar.redis")
 
 T = TypeVar("T")
+Client = aioredis.Redis | RedisCluster
 
 # Readiness probes time out after a few seconds: answer well within that.
 PING_TIMEOUT = 1.0
+# What the readiness probe touches: one key of its own (a hash tag, so one slot in a
+# cluster), written with an expiry, and Redis's clock, as the rate-limit script does.
+PROBE_KEY = "sidecar:{probe}"
+_PROBE = """
+redis.replicate_commands()
+local t = redis.call('TIME')
+redis.call('SET', KEYS[1], t[1], 'PX', 60000)
+return 1
+"""
 
 Script = Callable[[Sequence[str], Sequence[int | str]], Awaitable[Any]]
 
 
-def connect(url: str, timeout: float) -> aioredis.Redis:
-    """A client that fails fast: one attempt, short timeouts (the breaker does the retrying)."""
-    return aioredis.from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=30,
+@dataclass(frozen=True)
+class Topology:
+    """How to reach Redis besides the URL (SIDECAR_REDIS_MODE and its settings)."""
+
+    mode: str = "standalone"
+    sentinels: Sequence[tuple[str, int]] = ()
+    sentinel_master: str = "mymaster"
+    sentinel_password: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    secrets: Sequence[str] = field(default=())
+
+
+def topology_of(settings: Settings) -> Topology:
+    url = settings.redis_url.get_secret_value() if settings.redis_url is not None else None
+    sentinel_password = (settings.redis_sentinel_password.get_secret_value()
+                         if settings.redis_sentinel_password is not None else None)
+    secrets = [sentinel_password or ""]
+    if url is not None:
+        parsed = parse_url(url)
+        secrets.append(str(parsed.get("password") or ""))
+    return Topology(
+        mode=settings.redis_mode,
+        sentinels=[(s.host, s.port) for s in settings.redis_sentinels],
+        sentinel_master=settings.redis_sentinel_master,
+        sentinel_password=sentinel_password,
+        ca_file=settings.redis_ca_file,
+        cert_file=settings.redis_cert_file,
+        key_file=settings.redis_key_file,
+        secrets=tuple(s for s in secrets if s),
     )
 
 
+def _tls(topology: Topology) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if topology.ca_file:
+        out["ssl_ca_certs"] = topology.ca_file
+    if topology.cert_file:
+        out["ssl_certfile"] = topology.cert_file
+        out["ssl_keyfile"] = topology.key_file
+    return out
+
+
+def connect(url: str | None, timeout: float, topology: Topology | None = None) -> Client:
+    """A client that fails fast: one attempt, short timeouts (the breaker does the retrying).
+    `url` may be None only with Sentinel (no credentials)."""
+    topology = topology or Topology()
+    common: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 30,
+    }
+    if topology.mode == "cluster":
+        assert url is not None
+        # The retry here is the cluster's own (re-reading the slot map after a node was
+        # lost); MOVED/ASK are followed regardless (rule 4).
+        return RedisCluster.from_url(url, **common, **_tls(topology))
+    if topology.mode == "sentinel":
+        master: dict[str, Any] = {}
+        if url is not None:
+            master = dict(parse_url(url))
+            for ignored in ("host", "port", "path"):
+                master.pop(ignored, None)
+            if master.pop("connection_class", None) is SSLConnection:
+                master["ssl"] = True
+        sentinel_kwargs: dict[str, Any] = {
+            "socket_timeout": timeout, "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0)}
+        if topology.sentinel_password:
+            sentinel_kwargs["password"] = topology.sentinel_password
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(topology.sentinels), sentinel_kwargs=sentinel_kwargs)
+        client: aioredis.Redis = sentinel.master_for(
+            topology.sentinel_master, **master, **common, **_tls(topology))
+        return client
+    assert url is not None
+    return aioredis.from_url(url, **common, **_tls(topology))
+
+
+def describe(exc: BaseException, secrets: Sequence[str] = ()) -> str:
+    """The error class and the driver's message on one bounded line, passwords scrubbed."""
+    message = " ".join(str(exc).split())
+    for secret in secrets:
+        if secret:
+            message = message.replace(secret, "***")
+    message = message[:300]
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
 class GuardedRedis:
-    def __init__(self, client: aioredis.Redis, metrics: Metrics) -> None:
+    def __init__(self, client: Client, metrics: Metrics, *,
+                 secrets: Sequence[str] = ()) -> None:
         self.client = client
         self.metrics = metrics
+        self.secrets = tuple(s for s in secrets if s)
         self.breaker = CircuitBreaker(on_change=self._circuit_changed)
+        self._reason = ""  # the last error logged (rule 5)
+        self._probe = self.script("probe", _PROBE)
 
     def _circuit_changed(self, is_open: bool) -> None:
         self.metrics.redis_circuit_open.set(1 if is_open else 0)
         if is_open:
-            log.warning("redis unavailable, serving from local cache and postgres")
+            log.warning("redis unavailable: %s; serving from local cache and postgres",
+                        self._reason)
         else:
             log.info("redis available again")
+
+    def describe(self, exc: BaseException) -> str:
+        return describe(exc, self.secrets)
 
     @property
     def available(self) -> bool:
         return not self.breaker.is_open
+
+    async def _failed(self, op: str, exc: BaseException) -> None:
+        self.metrics.redis_errors.labels(op=op).inc()
+        reason = self.describe(exc)
+        was_open = self.breaker.is_open
+        previous, self._reason = self._reason, reason
+        self.breaker.failure()  # logs when this opens the circuit
+        if was_open and reason != previous:
+            log.warning("redis still unavailable: %s", reason)
+        else:
+            log.debug("redis %s failed: %s", op, reason)
+        if isinstance(exc, ReadOnlyError) and isinstance(self.client, aioredis.Redis):
+            await self.client.connection_pool.disconnect()  # rule 6
 
     async def call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T | None:
         """Run one Redis operation through the breaker: its result, or None when Redis
@@ -73,9 +201,7 @@ class GuardedRedis:
         try:
             result = await fn()
         except (TimeoutError, RedisError, OSError) as exc:
-            self.metrics.redis_errors.labels(op=op).inc()
-            self.breaker.failure()
-            log.debug("redis %s failed: %s", op, type(exc).__name__)
+            await self._failed(op, exc)
             return None
         except asyncio.CancelledError:
             self.breaker.release()  # no verdict on Redis, but free the probe slot
@@ -93,6 +219,8 @@ class GuardedRedis:
         return run
 
     def pubsub(self) -> PubSub:
+        # Classic SUBSCRIBE/PUBLISH reach every node of a cluster: the cluster client's
+        # pub/sub picks one node (by the channel's slot) and any node would do.
         return self.client.pubsub(ignore_subscribe_messages=True)
 
     async def ping(self) -> bool:
@@ -102,5 +230,21 @@ class GuardedRedis:
         except (TimeoutError, RedisError, OSError):
             return False
 
+    async def probe(self) -> bool:
+        """True when Redis does what the sidecar needs right now: the circuit is closed (or
+        this is its probe and it succeeds) and a script that reads Redis's clock and writes a
+        key with an expiry runs. A read-only master, a command missing from the ACL or a
+        cluster without the probe key's slot read False, and count as a failure."""
+        try:
+            async with asyncio.timeout(PING_TIMEOUT):
+                return bool(await self._probe([PROBE_KEY], []) == 1)
+        except TimeoutError:
+            return False
+
     async def aclose(self) -> None:
         await self.client.aclose()
+        # The Sentinel connections of a master_for() client are not closed with it.
+        manager = getattr(getattr(self.client, "connection_pool", None), "sentinel_manager",
+                          None)
+        for sentinel in getattr(manager, "sentinels", ()):
+            await sentinel.aclose()

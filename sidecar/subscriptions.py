@@ -165,7 +165,7 @@ class RedisSubscriber(_Subscription):
                 if isinstance(data, bytes | str):
                     await self.on_message(data.decode() if isinstance(data, bytes) else data)
         except RedisError as exc:
-            raise ConnectionError(type(exc).__name__) from None
+            raise ConnectionError(self.redis.describe(exc)) from None
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -168,6 +168,8 @@ def create_app(
         await store.close()
 
     async def redis_ctx(_: web.Application) -> AsyncIterator[None]:
+        if guarded is not None:
+            guarded.start()
         yield
         if guarded is not None:
             await guarded.aclose()

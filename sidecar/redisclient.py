@@ -15,15 +15,19 @@ Rules that hold here:
 5. Every error that changes what we know is logged once, with the driver's own class and
    message and every configured password replaced by `***`: the circuit opening, and a
    different error while it stays open. Repeats of the same error are debug lines.
-6. With Sentinel, writes never go to a demoted master: redis-py's SentinelConnectionPool turns
-   READONLY into a lost connection and asks the Sentinels again on the next connect; any
-   READONLY that still reaches us (from a script) drops the pool's connections for the same
-   effect.
+6. With Sentinel, writes never go to a demoted master: the master is asked of the Sentinels
+   every MASTER_CHECK_INTERVAL and, when it moved, idle connections to the old one are
+   dropped (connections in use are dropped when released) and `generation` changes, so the
+   subscriber moves too. The old master stays a master for several seconds after the switch
+   (until the Sentinels reconfigure it), so waiting for READONLY would write to it meanwhile.
+   redis-py's SentinelConnectionPool also turns READONLY into a lost connection; any READONLY
+   that still reaches us (from a script) drops the pool's connections for the same effect.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +37,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ReadOnlyError, RedisError
 from redis.retry import Retry
@@ -51,6 +55,8 @@ Client = aioredis.Redis | RedisCluster
 
 # Readiness probes time out after a few seconds: answer well within that.
 PING_TIMEOUT = 1.0
+# How often the Sentinels are asked where the master is (rule 6), seconds.
+MASTER_CHECK_INTERVAL = 1.0
 # What the readiness probe touches: one key of its own (a hash tag, so one slot in a
 # cluster), written with an expiry, and Redis's clock, as the rate-limit script does.
 PROBE_KEY = "sidecar:{probe}"
@@ -164,6 +170,38 @@ class GuardedRedis:
         self.breaker = CircuitBreaker(on_change=self._circuit_changed)
         self._reason = ""  # the last error logged (rule 5)
         self._probe = self.script("probe", _PROBE)
+        self.generation = 0  # changes when the master moved (rule 6)
+        self._watch: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Background work of the topology: following a Sentinel master (rule 6)."""
+        pool = getattr(self.client, "connection_pool", None)
+        if isinstance(pool, SentinelConnectionPool) and self._watch is None:
+            self._watch = asyncio.create_task(self._follow_master(pool),
+                                              name="sidecar-redis-sentinel")
+
+    async def _follow_master(self, pool: SentinelConnectionPool) -> None:
+        lost = ""
+        while True:
+            await asyncio.sleep(MASTER_CHECK_INTERVAL)
+            try:
+                async with asyncio.timeout(PING_TIMEOUT * 2):
+                    address = await pool.sentinel_manager.discover_master(pool.service_name)
+            except (TimeoutError, RedisError, OSError) as exc:
+                reason = self.describe(exc)
+                if reason != lost:
+                    log.warning("redis sentinels cannot name the master: %s", reason)
+                lost = reason
+                continue
+            if lost:
+                log.info("redis sentinels answer again")
+                lost = ""
+            if pool.master_address is not None and tuple(address) != tuple(
+                    pool.master_address):
+                log.warning("redis master moved (sentinel failover): now %s:%s", *address)
+                pool.master_address = address
+                self.generation += 1
+                await pool.disconnect(inuse_connections=False)
 
     def _circuit_changed(self, is_open: bool) -> None:
         self.metrics.redis_circuit_open.set(1 if is_open else 0)
@@ -242,6 +280,11 @@ class GuardedRedis:
             return False
 
     async def aclose(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+            self._watch = None
         await self.client.aclose()
         # The Sentinel connections of a master_for() client are not closed with it.
         manager = getattr(getattr(self.client, "connection_pool", None), "sentinel_manager",

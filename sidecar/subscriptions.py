@@ -154,11 +154,15 @@ class RedisSubscriber(_Subscription):
 
     async def _session(self, backoff: Backoff) -> None:
         pubsub = self.redis.pubsub()
+        generation = self.redis.generation
         try:
             await pubsub.subscribe(self.channel)
             await self._connected(backoff)
             while True:
                 msg = await pubsub.get_message(timeout=1.0)
+                if self.redis.generation != generation:
+                    # The master moved (Sentinel): what is published now goes to the new one.
+                    raise ConnectionError("redis master moved")
                 if msg is None:
                     continue
                 data = msg.get("data")

@@ -35,6 +35,10 @@ ensure_system_packages() {
     # The test suite's extra servers: nginx (auth_request) and PgBouncer (SPEC 3.5).
     [ -n "$(nginx_bin)" ] || missing+=(nginx-light)
     command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || missing+=(pgbouncer)
+    # Redis Cluster is formed with redis-cli; the Redis TLS test makes its certificates with
+    # openssl.
+    command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   fi
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"

@@ -33,6 +33,8 @@ def check_redis_url(raw: str) -> None:
         raise ValueError(f"is not a valid URL; {_ENCODE_HINT}") from None
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    if "#" in raw:
+        raise ValueError(f"has a '#' (a Redis URL has no fragment); {_ENCODE_HINT}")
     if parts.scheme == "unix":
         if not parts.path:
             raise ValueError("a unix:// URL needs the socket path, e.g. unix:///run/redis.sock")

@@ -43,9 +43,15 @@ RECONNECT_CAP = 0.5
 OnReconnect = Callable[[], Awaitable[None]]
 
 
+class SubscriptionLost(Exception):
+    """A subscription ended; its message already says why (driver class and message)."""
+
+
 def _describe(exc: BaseException) -> str:
     """The error class and the driver's message, one line, bounded; DSNs are not in these
     messages (asyncpg and redis-py name the host and port only)."""
+    if isinstance(exc, SubscriptionLost):
+        return str(exc)
     message = " ".join(str(exc).split())[:200]
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
@@ -162,14 +168,14 @@ class RedisSubscriber(_Subscription):
                 msg = await pubsub.get_message(timeout=1.0)
                 if self.redis.generation != generation:
                     # The master moved (Sentinel): what is published now goes to the new one.
-                    raise ConnectionError("redis master moved")
+                    raise SubscriptionLost("redis master moved")
                 if msg is None:
                     continue
                 data = msg.get("data")
                 if isinstance(data, bytes | str):
                     await self.on_message(data.decode() if isinstance(data, bytes) else data)
         except RedisError as exc:
-            raise ConnectionError(self.redis.describe(exc)) from None
+            raise SubscriptionLost(self.redis.describe(exc)) from None
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -432,8 +432,10 @@ class RedisClusterServers:
     """A Redis Cluster of `size` masters on loopback (no replicas), slots spread evenly."""
 
     def __init__(self, size: int = 3) -> None:
+        # The bus port is chosen too: the default (port + 10000) may not exist or be taken.
         self.nodes = [RedisServer(extra=["cluster-enabled yes", "cluster-config-file nodes.conf",
-                                         "cluster-node-timeout 2000"]) for _ in range(size)]
+                                         "cluster-node-timeout 2000",
+                                         f"cluster-port {free_port()}"]) for _ in range(size)]
 
     @property
     def url(self) -> str:

@@ -171,6 +171,7 @@ class GuardedRedis:
         self._reason = ""  # the last error logged (rule 5)
         self._probe = self.script("probe", _PROBE)
         self.generation = 0  # changes when the master moved (rule 6)
+        self._pubsub_turn = -1
         self._watch: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -256,9 +257,16 @@ class GuardedRedis:
 
         return run
 
-    def pubsub(self) -> PubSub:
-        # Classic SUBSCRIBE/PUBLISH reach every node of a cluster: the cluster client's
-        # pub/sub picks one node (by the channel's slot) and any node would do.
+    async def pubsub(self) -> PubSub:
+        """A pub/sub connection. In a cluster, classic SUBSCRIBE/PUBLISH reach every node, so
+        any node will do: each call takes the next node of the cluster's list, so that a
+        subscriber whose node failed moves on to another one."""
+        if isinstance(self.client, RedisCluster):
+            await self.client.initialize()
+            nodes = self.client.get_primaries() or self.client.get_nodes()
+            self._pubsub_turn += 1
+            node = nodes[self._pubsub_turn % len(nodes)]
+            return self.client.pubsub(node=node, ignore_subscribe_messages=True)
         return self.client.pubsub(ignore_subscribe_messages=True)
 
     async def ping(self) -> bool:

@@ -159,8 +159,11 @@ class RedisSubscriber(_Subscription):
         self.redis, self.channel = redis, channel
 
     async def _session(self, backoff: Backoff) -> None:
-        pubsub = self.redis.pubsub()
         generation = self.redis.generation
+        try:
+            pubsub = await self.redis.pubsub()
+        except RedisError as exc:
+            raise SubscriptionLost(self.redis.describe(exc)) from None
         try:
             await pubsub.subscribe(self.channel)
             await self._connected(backoff)

@@ -447,13 +447,21 @@ class RedisClusterServers:
         redis_cli(self.nodes[0].port, "--cluster", "create",
                   *(f"127.0.0.1:{n.port}" for n in self.nodes),
                   "--cluster-replicas", "0", "--cluster-yes")
+        self.wait_formed()
+        return self
+
+    def wait_formed(self) -> None:
+        """Until every node says the cluster is whole (after `setup`, or a node's restart:
+        a node started again in its directory rejoins by its nodes.conf)."""
 
         def formed() -> bool:
-            return all("cluster_state:ok" in redis_cli(n.port, "CLUSTER", "INFO")
-                       for n in self.nodes)
+            try:
+                return all("cluster_state:ok" in redis_cli(n.port, "CLUSTER", "INFO")
+                           for n in self.nodes)
+            except subprocess.CalledProcessError:
+                return False
 
         _until(formed, 30, "the Redis Cluster did not form")
-        return self
 
     def destroy(self) -> None:
         for node in self.nodes:

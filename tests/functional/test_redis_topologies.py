@@ -137,6 +137,42 @@ async def test_cluster_shares_one_limit_spreads_keys_and_invalidates(
         assert errors == 0
 
 
+async def numsub(port: int) -> int:
+    out = await asyncio.to_thread(redis_cli, port, "PUBSUB", "NUMSUB", "sidecar:invalidate")
+    return int(out.split()[1])
+
+
+async def test_cluster_subscriber_moves_to_another_node(
+    make_sidecar: SidecarFactory, upstream: Any, http: aiohttp.ClientSession,
+    redis_cluster: RedisClusterServers,
+) -> None:
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_mode="cluster",
+                            redis_url=redis_cluster.url, admin_token=ADMIN)
+    await listening(sc)
+    nodes = redis_cluster.nodes
+    where = [n for n in nodes if await numsub(n.port)]
+    assert len(where) == 1
+    others = [n for n in nodes if n is not where[0]]
+    await asyncio.to_thread(where[0].stop)
+    try:
+        async def moved() -> bool:
+            return any([await numsub(n.port) for n in others])
+
+        await within(3.0, moved)
+        before = sample(sc.app[METRICS], "sidecar_invalidations_total", {"source": "pubsub"})
+        await asyncio.to_thread(redis_cli, others[0].port, "PUBLISH", "sidecar:invalidate",
+                                orjson.dumps({"t": str(uuid.uuid4())}).decode())
+
+        async def heard() -> bool:
+            return sample(sc.app[METRICS], "sidecar_invalidations_total",
+                          {"source": "pubsub"}) == before + 1
+
+        await within(2.0, heard)
+    finally:
+        await asyncio.to_thread(where[0].start)
+        await asyncio.to_thread(redis_cluster.wait_formed)
+
+
 # ---------------------------------------------------------------------------------------
 # Sentinel
 # ---------------------------------------------------------------------------------------

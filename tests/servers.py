@@ -410,12 +410,14 @@ class PgBouncerServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def redis_cli(port: int, *args: str, tls: Sequence[str] = ()) -> str:
-    """One redis-cli command against a loopback Redis (no password: test servers only)."""
+def redis_cli(port: int, *args: str, password: str | None = None) -> str:
+    """One redis-cli command against a loopback Redis; the password goes in the environment
+    (REDISCLI_AUTH), not in argv where process lists show it."""
     binary = shutil.which("redis-cli")
     if not binary:
         raise ServerUnavailable("redis-cli not found (install redis-tools)")
-    out = subprocess.run([binary, "-h", "127.0.0.1", "-p", str(port), *tls, *args],
+    env = {**os.environ, **({"REDISCLI_AUTH": password} if password else {})}
+    out = subprocess.run([binary, "-h", "127.0.0.1", "-p", str(port), *args], env=env,
                          check=True, capture_output=True, text=True, timeout=30)
     return out.stdout.strip()
 
@@ -468,14 +470,22 @@ class RedisClusterServers:
             node.destroy()
 
 
+SENTINEL_PASSWORD = "sentinel-secret-pw"  # the Sentinel's own requirepass
+SENTINEL_DATA_PASSWORD = "sentinel-data-pw"  # the master's and the replica's
+
+
 class RedisSentinelServers:
     """A master, one replica and one Sentinel (quorum 1) watching them as `master_name`.
-    The Sentinel is redis-server in sentinel mode; it rewrites its own configuration file."""
+    The Sentinel is redis-server in sentinel mode; it rewrites its own configuration file.
+    Every one of them requires a password, as in production: the data nodes
+    SENTINEL_DATA_PASSWORD, the Sentinel SENTINEL_PASSWORD."""
 
     def __init__(self, master_name: str = "mymaster") -> None:
         self.master_name = master_name
-        self.master = RedisServer()
-        self.replica = RedisServer(extra=[f"replicaof 127.0.0.1 {self.master.port}"])
+        pw = SENTINEL_DATA_PASSWORD
+        self.master = RedisServer(password=pw, extra=[f"masterauth {pw}"])
+        self.replica = RedisServer(password=pw, extra=[
+            f"replicaof 127.0.0.1 {self.master.port}", f"masterauth {pw}"])
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="sidecar-sentinel-"))
         self.proc: subprocess.Popen[bytes] | None = None
@@ -487,7 +497,7 @@ class RedisSentinelServers:
     def master_port(self) -> int:
         """The master's port as the Sentinel says now."""
         return int(redis_cli(self.port, "SENTINEL", "get-master-addr-by-name",
-                             self.master_name).split()[1])
+                             self.master_name, password=SENTINEL_PASSWORD).split()[1])
 
     def setup(self) -> RedisSentinelServers:
         self.master.start()
@@ -497,20 +507,24 @@ class RedisSentinelServers:
         conf.write_text("\n".join([
             f"port {self.port}", "bind 127.0.0.1", "protected-mode no", f"dir {self.dir}",
             f"logfile {self.dir / 'sentinel.log'}",
+            f"requirepass {SENTINEL_PASSWORD}",
             f"sentinel monitor {name} 127.0.0.1 {self.master.port} 1",
+            f"sentinel auth-pass {name} {SENTINEL_DATA_PASSWORD}",
             f"sentinel down-after-milliseconds {name} 1000",
             f"sentinel failover-timeout {name} 5000",
             f"sentinel parallel-syncs {name} 1",
         ]) + "\n")
+        conf.chmod(0o600)
         binary = self.master.binary
         self.proc = subprocess.Popen([binary, str(conf), "--sentinel"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         _started_or_raise(self.proc, self.port, "redis sentinel")
 
         def replica_known() -> bool:
-            return "master_link_status:up" in redis_cli(self.replica.port, "INFO",
-                                                        "replication") and bool(
-                redis_cli(self.port, "SENTINEL", "replicas", name))
+            return "master_link_status:up" in redis_cli(
+                self.replica.port, "INFO", "replication", password=SENTINEL_DATA_PASSWORD,
+            ) and bool(redis_cli(self.port, "SENTINEL", "replicas", name,
+                                 password=SENTINEL_PASSWORD))
 
         _until(replica_known, 30, "the Sentinel did not find the replica")
         return self

@@ -21,6 +21,8 @@ from tests.functional.test_ops import run_cli
 from tests.helpers import listening, sample, status, within
 from tests.servers import (
     PG_PASSWORD,
+    SENTINEL_DATA_PASSWORD,
+    SENTINEL_PASSWORD,
     RedisClusterServers,
     RedisSentinelServers,
     RedisServer,
@@ -46,17 +48,18 @@ async def readyz(http: aiohttp.ClientSession, sc: Sidecar) -> dict[str, str]:
         return doc
 
 
-async def node_keys(port: int, pattern: str = "*") -> list[bytes]:
-    client = aioredis.Redis(host="127.0.0.1", port=port)
+async def node_keys(port: int, pattern: str = "*", password: str | None = None
+                    ) -> list[bytes]:
+    client = aioredis.Redis(host="127.0.0.1", port=port, password=password)
     try:
         return [k async for k in client.scan_iter(match=pattern, count=1000)]
     finally:
         await client.aclose()
 
 
-async def flush(*ports: int) -> None:
+async def flush(*ports: int, password: str | None = None) -> None:
     for port in ports:
-        client = aioredis.Redis(host="127.0.0.1", port=port)
+        client = aioredis.Redis(host="127.0.0.1", port=port, password=password)
         await client.flushall()
         await client.aclose()
 
@@ -178,32 +181,35 @@ async def test_cluster_subscriber_moves_to_another_node(
 # ---------------------------------------------------------------------------------------
 
 async def evalsha_calls(port: int) -> int:
-    text = await asyncio.to_thread(redis_cli, port, "INFO", "commandstats")
+    text = await asyncio.to_thread(redis_cli, port, "INFO", "commandstats",
+                                   password=SENTINEL_DATA_PASSWORD)
     m = re.search(r"cmdstat_evalsha:calls=(\d+)", text)
     return int(m[1]) if m else 0
 
 
 async def test_sentinel_failover_is_followed_and_old_master_left_alone(
     make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
-    redis_sentinel: RedisSentinelServers,
+    redis_sentinel: RedisSentinelServers, caplog: pytest.LogCaptureFixture,
 ) -> None:
     old = await asyncio.to_thread(redis_sentinel.master_port)
-    await flush(old)
+    pw = SENTINEL_DATA_PASSWORD
+    await flush(old, password=pw)
     tokens = [(await db.add_token("app"))[0] for _ in range(5)]
-    # The URL's host is ignored in sentinel mode: it names nothing that listens.
+    # The URL gives the master's password; its host is ignored (nothing listens there).
     sc = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_mode="sentinel",
                             redis_sentinels=redis_sentinel.sentinels,
-                            redis_url="redis://127.0.0.1:1/0", rate_limit="1000/m",
+                            redis_sentinel_password=SENTINEL_PASSWORD,
+                            redis_url=f"redis://:{pw}@127.0.0.1:1/0", rate_limit="1000/m",
                             rate_limit_fail_open=False)
     await listening(sc)
     for token in tokens:
         assert await status(http, sc, token) == 200
-    assert await node_keys(old, "sidecar:tok:*")
+    assert await node_keys(old, "sidecar:tok:*", pw)
     assert (await readyz(http, sc))["redis"] == "ok"
 
     started = time.monotonic()
     await asyncio.to_thread(redis_cli, redis_sentinel.port, "SENTINEL", "FAILOVER",
-                            redis_sentinel.master_name)
+                            redis_sentinel.master_name, password=SENTINEL_PASSWORD)
     seen: list[int] = []
 
     async def all_ok() -> bool:
@@ -220,7 +226,7 @@ async def test_sentinel_failover_is_followed_and_old_master_left_alone(
     async def on_new_master() -> bool:
         fresh, row_id = await db.add_token("app")
         assert await status(http, sc, fresh) == 200
-        client = aioredis.Redis(host="127.0.0.1", port=new)
+        client = aioredis.Redis(host="127.0.0.1", port=new, password=pw)
         try:
             return bool(await client.exists(f"sidecar:rl:{{tok:{row_id}}}:tok:{row_id}"))
         finally:
@@ -231,7 +237,7 @@ async def test_sentinel_failover_is_followed_and_old_master_left_alone(
     for _ in range(10):
         fresh, row_id = await db.add_token("app")
         assert await status(http, sc, fresh) == 200
-        client = aioredis.Redis(host="127.0.0.1", port=new)
+        client = aioredis.Redis(host="127.0.0.1", port=new, password=pw)
         assert await client.exists(f"sidecar:rl:{{tok:{row_id}}}:tok:{row_id}") == 1
         await client.aclose()
     assert await evalsha_calls(old) == before
@@ -239,6 +245,10 @@ async def test_sentinel_failover_is_followed_and_old_master_left_alone(
     # Every request after the first 5 s was answered.
     assert all(c == 200 for c in seen[-len(tokens):])
     assert (await readyz(http, sc))["redis"] == "ok"
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"redis master moved (sentinel failover): now 127.0.0.1:{new}" in text
+    assert pw not in text
+    assert SENTINEL_PASSWORD not in text
 
 
 # ---------------------------------------------------------------------------------------
@@ -343,6 +353,25 @@ async def test_wrong_password_is_logged_with_the_driver_message_not_the_password
     assert "invalid username-password pair" in text
     assert wrong not in text
     assert ACL_PASSWORD not in text
+
+
+async def test_read_only_redis_reads_down(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any, http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A replica (of a master that does not exist) answers PING but refuses every write.
+    replica = RedisServer(extra=["replicaof 127.0.0.1 1"])
+    await asyncio.to_thread(replica.start)
+    try:
+        token, _ = await db.add_token("app")
+        sc = await make_sidecar(upstream_url=str(upstream.make_url("")), redis_url=replica.url)
+        assert await status(http, sc, token) == 200
+        assert (await readyz(http, sc))["redis"] == "down"
+        lines = [r.getMessage() for r in caplog.records if r.name == "sidecar.redis"]
+        assert any("ReadOnlyError: You can't write against a read only replica" in x
+                   for x in lines), lines
+    finally:
+        await asyncio.to_thread(replica.destroy)
 
 
 # ---------------------------------------------------------------------------------------

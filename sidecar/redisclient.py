@@ -16,10 +16,11 @@ Rules that hold here:
    message and every configured password replaced by `***`: the circuit opening, and a
    different error while it stays open. Repeats of the same error are debug lines.
 6. With Sentinel, writes never go to a demoted master: the master is asked of the Sentinels
-   every MASTER_CHECK_INTERVAL and, when it moved, idle connections to the old one are
-   dropped (connections in use are dropped when released) and `generation` changes, so the
-   subscriber moves too. The old master stays a master for several seconds after the switch
-   (until the Sentinels reconfigure it), so waiting for READONLY would write to it meanwhile.
+   every MASTER_CHECK_INTERVAL (and by every new connection) and, when it moved, idle
+   connections to the old one are dropped, a connection released while pointing at the old
+   one is closed (`_MasterOnlyPool`), and `generation` changes, so the subscriber moves too.
+   The old master stays a master for several seconds after the switch (until the Sentinels
+   reconfigure it), so waiting for READONLY would write to it meanwhile.
    redis-py's SentinelConnectionPool also turns READONLY into a lost connection; any READONLY
    that still reaches us (from a script) drops the pool's connections for the same effect.
 """
@@ -104,6 +105,20 @@ def topology_of(settings: Settings) -> Topology:
     )
 
 
+class _MasterOnlyPool(SentinelConnectionPool):
+    """redis-py's Sentinel pool, except that a connection released while pointing elsewhere
+    than the current master is closed instead of reused (rule 6): the stock pool drops only
+    idle connections when the master moves, so one busy at that moment would go on writing
+    to the old master."""
+
+    async def release(self, connection: Any) -> None:
+        address = self.master_address
+        if (address is not None and getattr(connection, "host", None) is not None
+                and (connection.host, connection.port) != tuple(address)):
+            await connection.disconnect()
+        await super().release(connection)
+
+
 def _tls(topology: Topology) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if topology.ca_file:
@@ -145,7 +160,8 @@ def connect(url: str | None, timeout: float, topology: Topology | None = None) -
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
             list(topology.sentinels), sentinel_kwargs=sentinel_kwargs)
         client: aioredis.Redis = sentinel.master_for(
-            topology.sentinel_master, **master, **common, **_tls(topology))
+            topology.sentinel_master, connection_pool_class=_MasterOnlyPool, **master,
+            **common, **_tls(topology))
         return client
     assert url is not None
     return aioredis.from_url(url, **common, **_tls(topology))
@@ -183,8 +199,14 @@ class GuardedRedis:
 
     async def _follow_master(self, pool: SentinelConnectionPool) -> None:
         lost = ""
+        known: tuple[Any, ...] | None = None
+        first = True
         while True:
-            await asyncio.sleep(MASTER_CHECK_INTERVAL)
+            # The first look is at once: a failover in the first interval must not be
+            # taken for where the master always was.
+            if not first:
+                await asyncio.sleep(MASTER_CHECK_INTERVAL)
+            first = False
             try:
                 async with asyncio.timeout(PING_TIMEOUT * 2):
                     address = await pool.sentinel_manager.discover_master(pool.service_name)
@@ -197,12 +219,21 @@ class GuardedRedis:
             if lost:
                 log.info("redis sentinels answer again")
                 lost = ""
-            if pool.master_address is not None and tuple(address) != tuple(
-                    pool.master_address):
+            address = tuple(address)
+            if known is not None and address != known:
+                # The pool may have seen it first (a new connection asks the Sentinels too):
+                # compared with what this watch knew, so the move is logged either way.
                 log.warning("redis master moved (sentinel failover): now %s:%s", *address)
-                pool.master_address = address
                 self.generation += 1
+                if pool.master_address is None or tuple(pool.master_address) != address:
+                    pool.master_address = address
                 await pool.disconnect(inuse_connections=False)
+                # Connections in use now would go back to the pool still talking to the old
+                # master (the pool does not check where a released connection points):
+                # they are closed when released instead.
+                for conn in list(pool._in_use_connections):
+                    conn.mark_for_reconnect()  # type: ignore[no-untyped-call]
+            known = address
 
     def _circuit_changed(self, is_open: bool) -> None:
         self.metrics.redis_circuit_open.set(1 if is_open else 0)

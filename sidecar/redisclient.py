@@ -16,9 +16,9 @@ Rules that hold here:
    message and every configured password replaced by `***`: the circuit opening, and a
    different error while it stays open. Repeats of the same error are debug lines.
 6. With Sentinel, writes never go to a demoted master: the master is asked of the Sentinels
-   every MASTER_CHECK_INTERVAL (and by every new connection) and, when it moved, idle
-   connections to the old one are dropped, a connection released while pointing at the old
-   one is closed (`_MasterOnlyPool`), and `generation` changes, so the subscriber moves too.
+   every MASTER_CHECK_INTERVAL (and by every new connection) and, when it moved,
+   a connection still pointing at the old one is closed when taken or released
+   (`_MasterOnlyPool`), and `generation` changes, so the subscriber moves too.
    The old master stays a master for several seconds after the switch (until the Sentinels
    reconfigure it), so waiting for READONLY would write to it meanwhile.
    redis-py's SentinelConnectionPool also turns READONLY into a lost connection; any READONLY
@@ -106,15 +106,30 @@ def topology_of(settings: Settings) -> Topology:
 
 
 class _MasterOnlyPool(SentinelConnectionPool):
-    """redis-py's Sentinel pool, except that a connection released while pointing elsewhere
-    than the current master is closed instead of reused (rule 6): the stock pool drops only
-    idle connections when the master moves, so one busy at that moment would go on writing
-    to the old master."""
+    """redis-py's Sentinel pool, except that a connection pointing elsewhere than the current
+    master is closed when taken or released, never reused (rule 6): the stock pool drops only
+    the idle connections when the master moves, so one busy at that moment would go on
+    writing to the old master."""
+
+    def _elsewhere(self, connection: Any) -> bool:
+        address = self.master_address
+        return (address is not None and connection.is_connected
+                and (connection.host, connection.port) != tuple(address))
+
+    async def get_master_address(self) -> Any:
+        # The stock pool drops idle connections here, concurrently with tasks that may be
+        # taking one (a write then fails on a closing socket); they are dropped by whoever
+        # takes or releases them instead (below), which owns them at that moment.
+        self.master_address = await self.sentinel_manager.discover_master(self.service_name)
+        return self.master_address
+
+    async def ensure_connection(self, connection: Any) -> None:
+        if self._elsewhere(connection):
+            await connection.disconnect()
+        await super().ensure_connection(connection)
 
     async def release(self, connection: Any) -> None:
-        address = self.master_address
-        if (address is not None and getattr(connection, "host", None) is not None
-                and (connection.host, connection.port) != tuple(address)):
+        if self._elsewhere(connection):
             await connection.disconnect()
         await super().release(connection)
 
@@ -225,14 +240,8 @@ class GuardedRedis:
                 # compared with what this watch knew, so the move is logged either way.
                 log.warning("redis master moved (sentinel failover): now %s:%s", *address)
                 self.generation += 1
-                if pool.master_address is None or tuple(pool.master_address) != address:
-                    pool.master_address = address
-                await pool.disconnect(inuse_connections=False)
-                # Connections in use now would go back to the pool still talking to the old
-                # master (the pool does not check where a released connection points):
-                # they are closed when released instead.
-                for conn in list(pool._in_use_connections):
-                    conn.mark_for_reconnect()  # type: ignore[no-untyped-call]
+                # Connections to the old master are closed when next taken or released.
+                pool.master_address = address
             known = address
 
     def _circuit_changed(self, is_open: bool) -> None:

@@ -101,20 +101,18 @@ async def test_cluster_shares_one_limit_spreads_keys_and_invalidates(
     sizes = [len(await node_keys(p)) for p in ports]
     assert sum(1 for n in sizes if n > 0) >= 2, sizes
 
-    # Tenant invalidation through the admin API of one replica: the entries on every node
-    # go, and the other replica hears it over pub/sub (its L1 forgets).
-    base = await db.lookup_count()
+    # Tenant invalidation through the admin API of one replica: the tenant's entries go
+    # from whichever node holds them (and its index), the rest stay; the other replica
+    # hears it over pub/sub (its L1 forgets).
+    async def entries() -> int:
+        return sum([len(await node_keys(p, "sidecar:tok:*")) for p in ports])
+
+    assert await entries() == 1 + len(tenant_tokens) + len(others)
     async with http.post(a.ops_url("/admin/invalidate"), json={"tenant_id": tenant},
                          headers={"Authorization": f"Bearer {ADMIN}"}) as r:
         assert r.status == 200
-
-    async def reread() -> bool:
-        for sc in (a, b):
-            for t in tenant_tokens:
-                assert await status(http, sc, t) == 200
-        return await db.lookup_count() == base + 3
-
-    await within(2.0, reread)
+    assert await entries() == 1 + len(others)
+    assert not any([await node_keys(p, f"sidecar:tenant:{tenant}") for p in ports])
 
     async def heard_on_b() -> bool:
         return sample(b.app[METRICS], "sidecar_invalidations_total", {"source": "pubsub"}) >= 1
@@ -294,7 +292,7 @@ async def test_documented_acl_is_enough(
     tenant = str(uuid.uuid4())
     tokens = [(await db.add_token("app", tenant_id=tenant))[0] for _ in range(2)]
     common = {"upstream_url": str(upstream.make_url("")), "redis_url": url,
-              "rate_limit": "100/m", "rate_limit_fail_open": False, "admin_token": ADMIN}
+              "rate_limit": "10000/m", "rate_limit_fail_open": False, "admin_token": ADMIN}
     a, b = await make_sidecar(**common), await make_sidecar(**common)
     await listening(a, b)  # SUBSCRIBE allowed
     for sc in (a, b):

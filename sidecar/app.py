@@ -33,7 +33,7 @@ from sidecar.proxy import Forwarder, UpstreamLimits
 from sidecar.ratelimit import RateLimiter
 from sidecar.readiness import Readiness
 from sidecar.rediscache import PUBSUB_CHANNEL, RedisCache
-from sidecar.redisclient import GuardedRedis, connect
+from sidecar.redisclient import GuardedRedis, connect, topology_of
 from sidecar.routing import Router
 from sidecar.settings import Settings, listen_dsn
 from sidecar.store import PostgresTokenStore
@@ -83,10 +83,11 @@ def create_app(
     )
     guarded = None
     redis = None
-    if settings.redis_url is not None:
-        guarded = GuardedRedis(
-            connect(settings.redis_url.get_secret_value(), settings.redis_timeout), metrics
-        )
+    if settings.redis_enabled:
+        topology = topology_of(settings)
+        url = settings.redis_url.get_secret_value() if settings.redis_url is not None else None
+        guarded = GuardedRedis(connect(url, settings.redis_timeout, topology), metrics,
+                               secrets=topology.secrets)
         redis = RedisCache(guarded)
     token_filter = None
     if settings.token_filter and (settings.token_lookup_sql is None
@@ -197,6 +198,8 @@ def create_app(
         await store.close()
 
     async def redis_ctx(_: web.Application) -> AsyncIterator[None]:
+        if guarded is not None:
+            guarded.start()
         yield
         if guarded is not None:
             await guarded.aclose()

@@ -50,7 +50,7 @@ CACHE_RESULTS = (("l1", "hit"), ("l1", "miss"), ("l1", "negative"), ("l2", "hit"
                  ("l2", "miss"), ("l2", "negative"), ("stale", "stale"))
 POSTGRES_KINDS = ("lookup", "lookup_read", "last_used")
 REDIS_OPS = ("get", "set", "delete", "delete_tenant", "delete_all", "lock", "unlock",
-             "publish", "ratelimit", "last_used_handoff")
+             "publish", "ratelimit", "last_used_handoff", "probe")
 UPSTREAM_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "connect_error", "timeout")
 INVALIDATION_SOURCES = ("notify", "pubsub", "admin", "notify_malformed", "pubsub_malformed",
                         "notify_reconnect", "pubsub_reconnect")

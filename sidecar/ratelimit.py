@@ -6,7 +6,9 @@ Rules that hold here:
    replicas with skewed clocks still share one limit.
 2. While Redis is absent or unreachable, limits are kept per process (fail open, the
    default), or the request cannot be decided and gets 503 (SIDECAR_RATE_LIMIT_FAIL_OPEN=false).
-3. Keys name the token's row id and the tenant id, never a token.
+3. Keys name the token's row id and the tenant id, never a token. The keys of one request
+   share a hash tag (the tenant id, else the token id), so the script touches one slot of a
+   Redis Cluster.
 4. GCRA with a burst of the whole limit: `100/s` admits 100 requests at once, then one every
    10 ms. State is one timestamp per key (the theoretical arrival time, TAT).
 """
@@ -144,11 +146,13 @@ class RateLimiter:
     def _limits(self, identity: Identity) -> tuple[list[str], list[Rate]]:
         keys: list[str] = []
         rates: list[Rate] = []
+        tag = (f"{{ten:{identity.tenant_id}}}" if identity.tenant_id
+               else f"{{tok:{identity.token_id}}}")
         if self.per_token is not None:
-            keys.append(f"{RATE_PREFIX}tok:{identity.token_id}")
+            keys.append(f"{RATE_PREFIX}{tag}:tok:{identity.token_id}")
             rates.append(self.per_token)
         if self.per_tenant is not None and identity.tenant_id:
-            keys.append(f"{RATE_PREFIX}ten:{identity.tenant_id}")
+            keys.append(f"{RATE_PREFIX}{tag}:ten")
             rates.append(self.per_tenant)
         return keys, rates
 

@@ -46,7 +46,10 @@ class Readiness:
     async def _redis_state(self) -> str:
         if self._redis is None:
             return "disabled"
-        return "ok" if await self._redis.ping() else "down"
+        # Not a PING: a script that reads the clock and writes with an expiry, through the
+        # breaker (an open circuit is "down"), so a read-only master or an ACL without a
+        # command the sidecar uses reads "down" too.
+        return "ok" if await self._redis.probe() else "down"
 
     async def _postgres_state(self) -> str:
         return "ok" if await self._store.ping() else "down"

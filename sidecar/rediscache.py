@@ -6,6 +6,10 @@ Rules that hold here:
 2. Keys are `sidecar:tok:<digest>:<scope>`; per-tenant index sets are `sidecar:tenant:<id>`;
    lookup locks are `sidecar:lock:<digest>:<scope>`. Nothing derived from a raw token except
    its digest is ever written (see sidecar.credentials rule 2).
+3. Nothing here needs two keys in one slot (Redis Cluster): no script or transaction touches
+   more than one key; the entry and its tenant index are written by a non-transactional
+   pipeline, which the cluster client splits per node, and multi-key DEL is split per slot
+   by the cluster client. A tenant's entries (and `delete_all`'s SCAN) span every node.
 """
 
 from __future__ import annotations
@@ -15,10 +19,8 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 
-import redis.asyncio as aioredis
-
 from sidecar.cache import CacheEntry
-from sidecar.redisclient import GuardedRedis
+from sidecar.redisclient import Client, GuardedRedis
 
 TOKEN_PREFIX = "sidecar:tok:"
 TENANT_PREFIX = "sidecar:tenant:"
@@ -123,8 +125,11 @@ class RedisCache:
     async def ping(self) -> bool:
         return await self.redis.ping()
 
+    async def probe(self) -> bool:
+        return await self.redis.probe()
 
-async def _scan_batches(client: aioredis.Redis, pattern: str, size: int = 500) -> AsyncIterator[
+
+async def _scan_batches(client: Client, pattern: str, size: int = 500) -> AsyncIterator[
         list[bytes]]:
     batch: list[bytes] = []
     async for name in client.scan_iter(match=pattern, count=size):

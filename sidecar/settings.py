@@ -30,6 +30,7 @@ from sidecar.dependency_log import register_secret
 from sidecar.dsn import check_postgres_url
 from sidecar.eventloop import uvloop_installed
 from sidecar.rate import Rate, parse_rate
+from sidecar.redisurl import check_readable_file, check_redis_url, url_facts
 from sidecar.routing import PublicRoute, ScopeRoute, parse_public_routes, parse_scope_routes
 from sidecar.trust import IPNetwork
 
@@ -57,6 +58,18 @@ def parse_listen(value: str) -> Listen:
     if not 0 <= port <= 65535:
         raise ValueError("port must be between 0 and 65535")
     return Listen(m["host"].strip("[]") or "0.0.0.0", port)
+
+
+def parse_hosts(value: str) -> tuple[Listen, ...]:
+    """`host:port,...` (Redis Sentinels): each with a host and a port."""
+    hosts = []
+    for item in value.split(","):
+        if item.strip():
+            m = _LISTEN_RE.match(item.strip())
+            if not m or not m["host"].strip("[]") or not 0 < int(m["port"]) <= 65535:
+                raise ValueError("must be HOST:PORT,HOST:PORT,... e.g. sentinel-1:26379")
+            hosts.append(Listen(m["host"].strip("[]"), int(m["port"])))
+    return tuple(hosts)
 
 
 def parse_networks(value: str) -> tuple[IPNetwork, ...]:
@@ -114,6 +127,7 @@ _TEXT_PARSERS: dict[str, Callable[[str], Any]] = {
     "trusted_proxies": parse_networks,
     "scope_routes": parse_scope_routes,
     "public_routes": parse_public_routes,
+    "redis_sentinels": parse_hosts,
 }
 
 
@@ -181,6 +195,15 @@ class Settings(BaseSettings):
     negative_cache_ttl: int = Field(60, ge=1)
     stale_if_error: int = Field(300, ge=0)
     redis_timeout: float = Field(0.5, gt=0)
+
+    # Redis topologies (SPEC 3.5)
+    redis_mode: Literal["standalone", "cluster", "sentinel"] = "standalone"
+    redis_sentinels: Annotated[tuple[Listen, ...], NoDecode] = ()
+    redis_sentinel_master: str = Field("mymaster", min_length=1)
+    redis_sentinel_password: SecretStr | None = None
+    redis_ca_file: str | None = None
+    redis_cert_file: str | None = None
+    redis_key_file: str | None = None
 
     # Invalidation (SPEC 3.4)
     notify_channel: str = Field("sidecar_invalidate", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
@@ -277,9 +300,55 @@ class Settings(BaseSettings):
         raw = v.get_secret_value() if isinstance(v, SecretStr) else v
         if raw is None or (isinstance(raw, str) and not raw.strip()):
             return None
-        if not isinstance(raw, str) or urlsplit(raw).scheme not in ("redis", "rediss", "unix"):
+        if not isinstance(raw, str):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        check_redis_url(raw)  # its messages never echo the value
         return v
+
+    @field_validator("redis_sentinel_password", mode="before")
+    @classmethod
+    def _optional_secret(cls, v: Any) -> Any:
+        raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+        return None if raw is None or (isinstance(raw, str) and not raw) else v
+
+    @field_validator("redis_ca_file", "redis_cert_file", "redis_key_file", mode="before")
+    @classmethod
+    def _readable(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None
+        return check_readable_file(str(v).strip())
+
+    @model_validator(mode="after")
+    def _redis_topology(self) -> Settings:
+        url = self.redis_url.get_secret_value() if self.redis_url is not None else None
+        facts = url_facts(url) if url is not None else None
+        if self.redis_mode == "sentinel" and not self.redis_sentinels:
+            raise ValueError("SIDECAR_REDIS_SENTINELS is required with SIDECAR_REDIS_MODE=sentinel")
+        if self.redis_mode != "sentinel" and self.redis_sentinels:
+            raise ValueError("SIDECAR_REDIS_SENTINELS needs SIDECAR_REDIS_MODE=sentinel")
+        if self.redis_mode == "cluster":
+            if facts is None:
+                raise ValueError("SIDECAR_REDIS_URL is required with SIDECAR_REDIS_MODE=cluster")
+            if facts.scheme == "unix":
+                raise ValueError("SIDECAR_REDIS_URL: a unix:// URL cannot reach a Redis Cluster")
+            if facts.db != 0:
+                raise ValueError("SIDECAR_REDIS_URL: Redis Cluster has only database 0")
+        if facts is not None and facts.scheme == "unix" and self.redis_mode == "sentinel":
+            raise ValueError("SIDECAR_REDIS_URL: with Sentinel, a redis:// or rediss:// URL "
+                             "(its host is ignored)")
+        tls_files = self.redis_ca_file or self.redis_cert_file or self.redis_key_file
+        if tls_files and (facts is None or facts.scheme != "rediss"):
+            raise ValueError("SIDECAR_REDIS_CA_FILE, _CERT_FILE and _KEY_FILE need a rediss:// "
+                             "SIDECAR_REDIS_URL")
+        if bool(self.redis_cert_file) != bool(self.redis_key_file):
+            raise ValueError("SIDECAR_REDIS_CERT_FILE and SIDECAR_REDIS_KEY_FILE go together "
+                             "(client certificate and its key)")
+        return self
+
+    @property
+    def redis_enabled(self) -> bool:
+        """Whether there is a shared tier: a URL, or Sentinels to ask for the master."""
+        return self.redis_url is not None or self.redis_mode == "sentinel"
 
     @field_validator("event_loop")
     @classmethod

@@ -36,7 +36,7 @@ from redis.exceptions import RedisError
 
 from sidecar.backoff import Backoff
 from sidecar.dependency_log import DependencyState
-from sidecar.dependency_log import describe as _describe
+from sidecar.dependency_log import describe as _driver_describe
 
 if TYPE_CHECKING:
     from sidecar.metrics import Metrics
@@ -76,6 +76,18 @@ def is_self_test(payload: str) -> bool:
 
 class ListenUnusable(Exception):
     """The LISTEN connection reaches a server where LISTEN cannot work."""
+
+
+class SubscriptionLost(Exception):
+    """A subscription ended; its message already says why (driver class and message)."""
+
+
+def _describe(exc: BaseException) -> str:
+    """The driver's class and message, one line, bounded and scrubbed (sidecar.dependency_log);
+    a SubscriptionLost already carries such a line."""
+    if isinstance(exc, SubscriptionLost):
+        return str(exc)
+    return _driver_describe(exc)
 
 
 class _Subscription:
@@ -298,19 +310,26 @@ class RedisSubscriber(_Subscription):
         self.redis, self.channel = redis, channel
 
     async def _session(self, backoff: Backoff) -> None:
-        pubsub = self.redis.pubsub()
+        generation = self.redis.generation
+        try:
+            pubsub = await self.redis.pubsub()
+        except RedisError as exc:
+            raise SubscriptionLost(self.redis.describe(exc)) from None
         try:
             await pubsub.subscribe(self.channel)
             await self._connected(backoff)
             while True:
                 msg = await pubsub.get_message(timeout=1.0)
+                if self.redis.generation != generation:
+                    # The master moved (Sentinel): what is published now goes to the new one.
+                    raise SubscriptionLost("redis master moved")
                 if msg is None:
                     continue
                 data = msg.get("data")
                 if isinstance(data, bytes | str):
                     await self.on_message(data.decode() if isinstance(data, bytes) else data)
         except RedisError as exc:
-            raise ConnectionError(type(exc).__name__) from None
+            raise SubscriptionLost(self.redis.describe(exc)) from None
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]

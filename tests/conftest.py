@@ -29,7 +29,15 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.servers import PostgresServer, PostgresStandby, RedisServer, ServerUnavailable
+from tests.servers import (
+    PostgresServer,
+    PostgresStandby,
+    RedisClusterServers,
+    RedisSentinelServers,
+    RedisServer,
+    RedisTlsServer,
+    ServerUnavailable,
+)
 from tests.upstream import make_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,6 +203,50 @@ def pg_replicated() -> Iterator[tuple[PostgresServer, PostgresStandby]]:
             standby.destroy()
     finally:
         primary.destroy()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """A Redis Cluster of 3 masters, formed once per run (it takes seconds)."""
+    try:
+        servers = RedisClusterServers().setup()
+    except ServerUnavailable as exc:
+        unavailable(str(exc))
+        raise
+    try:
+        yield servers
+    finally:
+        servers.destroy()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinelServers]:
+    """A master, a replica and a Sentinel, once per run; a test may fail the master over
+    (ask `master_port()` where it is now)."""
+    try:
+        servers = RedisSentinelServers().setup()
+    except ServerUnavailable as exc:
+        unavailable(str(exc))
+        raise
+    try:
+        yield servers
+    finally:
+        servers.destroy()
+
+
+@pytest.fixture(scope="session")
+def redis_tls() -> Iterator[RedisTlsServer]:
+    """Redis with a mutual-TLS port (certificates made at start), once per run."""
+    try:
+        server = RedisTlsServer()
+        server.setup()
+    except ServerUnavailable as exc:
+        unavailable(str(exc))
+        raise
+    try:
+        yield server
+    finally:
+        server.destroy()
 
 
 @pytest.fixture

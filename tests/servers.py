@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 PG_PASSWORD = "pg-secret-pw"  # appears in DSNs so tests can check it is never printed
@@ -241,7 +241,8 @@ class RedisServer:
     `detach` keeps it running after this process exits (the demo stops it by pid)."""
 
     def __init__(self, *, port: int | None = None, directory: Path | None = None,
-                 password: str | None = None, detach: bool = False) -> None:
+                 password: str | None = None, detach: bool = False,
+                 extra: Sequence[str] = ()) -> None:
         binary = shutil.which("redis-server")
         if not binary:
             raise ServerUnavailable("redis-server not found (install redis-server)")
@@ -254,6 +255,7 @@ class RedisServer:
             self.dir = directory
         self.password = password
         self.detach = detach
+        self.extra = list(extra)  # more configuration lines (cluster, replication, TLS)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -270,6 +272,7 @@ class RedisServer:
         lines = [f"port {self.port}", "bind 127.0.0.1", 'save ""', "appendonly no",
                  f"dir {self.dir}", f"logfile {self.dir / 'redis.log'}"]
         lines.append(f"requirepass {self.password}" if self.password else "protected-mode no")
+        lines += self.extra
         conf.write_text("\n".join(lines) + "\n")
         conf.chmod(0o600)
         self.proc = subprocess.Popen(
@@ -509,3 +512,167 @@ class HAProxyServer(_FrontProxyServer):
 
     def command(self) -> list[str]:
         return [self.binary, "-db", "-f", str(self.config)]
+
+
+def redis_cli(port: int, *args: str, password: str | None = None) -> str:
+    """One redis-cli command against a loopback Redis; the password goes in the environment
+    (REDISCLI_AUTH), not in argv where process lists show it."""
+    binary = shutil.which("redis-cli")
+    if not binary:
+        raise ServerUnavailable("redis-cli not found (install redis-tools)")
+    env = {**os.environ, **({"REDISCLI_AUTH": password} if password else {})}
+    out = subprocess.run([binary, "-h", "127.0.0.1", "-p", str(port), *args], env=env,
+                         check=True, capture_output=True, text=True, timeout=30)
+    return out.stdout.strip()
+
+
+def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} after {timeout}s")
+        time.sleep(0.1)
+
+
+class RedisClusterServers:
+    """A Redis Cluster of `size` masters on loopback (no replicas), slots spread evenly."""
+
+    def __init__(self, size: int = 3) -> None:
+        # The bus port is chosen too: the default (port + 10000) may not exist or be taken.
+        self.nodes = [RedisServer(extra=["cluster-enabled yes", "cluster-config-file nodes.conf",
+                                         "cluster-node-timeout 2000",
+                                         f"cluster-port {free_port()}"]) for _ in range(size)]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def setup(self) -> RedisClusterServers:
+        for node in self.nodes:
+            node.start()
+        redis_cli(self.nodes[0].port, "--cluster", "create",
+                  *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                  "--cluster-replicas", "0", "--cluster-yes")
+        self.wait_formed()
+        return self
+
+    def wait_formed(self) -> None:
+        """Until every node says the cluster is whole (after `setup`, or a node's restart:
+        a node started again in its directory rejoins by its nodes.conf)."""
+
+        def formed() -> bool:
+            try:
+                return all("cluster_state:ok" in redis_cli(n.port, "CLUSTER", "INFO")
+                           for n in self.nodes)
+            except subprocess.CalledProcessError:
+                return False
+
+        _until(formed, 30, "the Redis Cluster did not form")
+
+    def destroy(self) -> None:
+        for node in self.nodes:
+            node.destroy()
+
+
+SENTINEL_PASSWORD = "sentinel-secret-pw"  # the Sentinel's own requirepass
+SENTINEL_DATA_PASSWORD = "sentinel-data-pw"  # the master's and the replica's
+
+
+class RedisSentinelServers:
+    """A master, one replica and one Sentinel (quorum 1) watching them as `master_name`.
+    The Sentinel is redis-server in sentinel mode; it rewrites its own configuration file.
+    Every one of them requires a password, as in production: the data nodes
+    SENTINEL_DATA_PASSWORD, the Sentinel SENTINEL_PASSWORD."""
+
+    def __init__(self, master_name: str = "mymaster") -> None:
+        self.master_name = master_name
+        pw = SENTINEL_DATA_PASSWORD
+        self.master = RedisServer(password=pw, extra=[f"masterauth {pw}"])
+        self.replica = RedisServer(password=pw, extra=[
+            f"replicaof 127.0.0.1 {self.master.port}", f"masterauth {pw}"])
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="sidecar-sentinel-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def sentinels(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def master_port(self) -> int:
+        """The master's port as the Sentinel says now."""
+        return int(redis_cli(self.port, "SENTINEL", "get-master-addr-by-name",
+                             self.master_name, password=SENTINEL_PASSWORD).split()[1])
+
+    def setup(self) -> RedisSentinelServers:
+        self.master.start()
+        self.replica.start()
+        conf = self.dir / "sentinel.conf"
+        name = self.master_name
+        conf.write_text("\n".join([
+            f"port {self.port}", "bind 127.0.0.1", "protected-mode no", f"dir {self.dir}",
+            f"logfile {self.dir / 'sentinel.log'}",
+            f"requirepass {SENTINEL_PASSWORD}",
+            f"sentinel monitor {name} 127.0.0.1 {self.master.port} 1",
+            f"sentinel auth-pass {name} {SENTINEL_DATA_PASSWORD}",
+            f"sentinel down-after-milliseconds {name} 1000",
+            f"sentinel failover-timeout {name} 5000",
+            f"sentinel parallel-syncs {name} 1",
+        ]) + "\n")
+        conf.chmod(0o600)
+        binary = self.master.binary
+        self.proc = subprocess.Popen([binary, str(conf), "--sentinel"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _started_or_raise(self.proc, self.port, "redis sentinel")
+
+        def replica_known() -> bool:
+            return "master_link_status:up" in redis_cli(
+                self.replica.port, "INFO", "replication", password=SENTINEL_DATA_PASSWORD,
+            ) and bool(redis_cli(self.port, "SENTINEL", "replicas", name,
+                                 password=SENTINEL_PASSWORD))
+
+        _until(replica_known, 30, "the Sentinel did not find the replica")
+        return self
+
+    def destroy(self) -> None:
+        _terminate(self.proc)
+        self.proc = None
+        self.master.destroy()
+        self.replica.destroy()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisTlsServer(RedisServer):
+    """Redis with a TLS port besides its plain one; a throwaway CA, server and client
+    certificates made with openssl in its directory. `tls-auth-clients` asks for a client
+    certificate (mutual TLS)."""
+
+    def __init__(self) -> None:
+        self.tls_port = free_port()
+        super().__init__()
+        if not shutil.which("openssl"):
+            raise ServerUnavailable("openssl not found (install openssl)")
+        self._certificates()
+        d = self.dir
+        self.extra = [f"tls-port {self.tls_port}", f"tls-cert-file {d / 'server.pem'}",
+                      f"tls-key-file {d / 'server.key'}", f"tls-ca-cert-file {d / 'ca.pem'}",
+                      "tls-auth-clients yes"]
+
+    def _openssl(self, *args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60,
+                       cwd=self.dir)
+
+    def _certificates(self) -> None:
+        self._openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                      "-subj", "/CN=sidecar-test-ca", "-keyout", "ca.key", "-out", "ca.pem")
+        ext = self.dir / "san.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        for name, cn in (("server", "127.0.0.1"), ("client", "sidecar")):
+            self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
+                          "-keyout", f"{name}.key", "-out", f"{name}.csr")
+            self._openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey",
+                          "ca.key", "-CAcreateserial", "-days", "2", "-extfile", str(ext),
+                          "-out", f"{name}.pem")
+
+    @property
+    def tls_url(self) -> str:
+        return f"rediss://127.0.0.1:{self.tls_port}/0"

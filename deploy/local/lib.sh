@@ -40,6 +40,10 @@ ensure_system_packages() {
     command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
     # promtool (checks and unit-tests deploy/prometheus/alerts.yml) comes with Prometheus.
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    # Redis Cluster is formed with redis-cli; the Redis TLS test makes its certificates with
+    # openssl.
+    command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   fi
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"

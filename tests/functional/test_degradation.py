@@ -111,7 +111,8 @@ async def test_redis_outage_under_load_uses_circuit_breaker(
 
     async def answered_by_redis() -> bool:
         assert await status(http, sc, tokens[0]) == 200
-        return metrics.cache_lookups.labels(tier="l2", result="hit")._value.get() > hits_before
+        hits = float(metrics.cache_lookups.labels(tier="l2", result="hit")._value.get())
+        return hits > hits_before
 
     await within(5.0, answered_by_redis)
 

@@ -107,12 +107,12 @@ async def test_redis_outage_under_load_uses_circuit_breaker(
     # The restarted Redis is empty: a request fills it and a later one is answered by it. Not
     # necessarily the very next one: a pooled connection opened before the restart fails once
     # when first used again (each failure is one Redis error, and the request is still 200).
-    hits_before = metrics.cache_lookups.labels(tier="l2", result="hit")._value.get()
+    l2_hits = metrics.cache_lookups.labels(tier="l2", result="hit")
+    hits_before = float(l2_hits._value.get())
 
     async def answered_by_redis() -> bool:
         assert await status(http, sc, tokens[0]) == 200
-        hits = float(metrics.cache_lookups.labels(tier="l2", result="hit")._value.get())
-        return hits > hits_before
+        return float(l2_hits._value.get()) > hits_before
 
     await within(5.0, answered_by_redis)
 

@@ -231,7 +231,10 @@ class PostgresSubscription(_Subscription):
             wake = min(checked + self.health_interval,
                        deadline if deadline is not None else next_test)
             try:
-                payload = await asyncio.wait_for(queue.get(), max(wake - loop.time(), 0.001))
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a
+                # cancellation that coincides with the wait's end, and close() then hangs.
+                async with asyncio.timeout(max(wake - loop.time(), 0.001)):
+                    payload = await queue.get()
             except TimeoutError:
                 now = loop.time()
                 if deadline is not None and now >= deadline:

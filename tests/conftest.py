@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import io
 import os
 import secrets
 import sys
@@ -398,5 +399,27 @@ async def make_sidecar(db: Db) -> AsyncIterator[SidecarFactory]:
 
     yield factory
     for sc in reversed(started):
+        await closed_within(CLOSE_SECONDS, sc)
+
+
+# A sidecar's shutdown is bounded (grace, final flush); one that hangs is a bug, reported
+# with the tasks still pending rather than by the suite's much later timeout.
+CLOSE_SECONDS = 30.0
+
+
+async def closed_within(seconds: float, sc: Sidecar) -> None:
+    async def close() -> None:
         await sc.ops.close()
         await sc.main.close()
+
+    closing = asyncio.ensure_future(close())
+    done, _ = await asyncio.wait({closing}, timeout=seconds)
+    if done:
+        closing.result()
+        return
+    pending = io.StringIO()
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task() and task is not closing:
+            task.print_stack(file=pending)
+    pytest.fail(f"sidecar shutdown took over {seconds}s; pending tasks:\n{pending.getvalue()}",
+                pytrace=False)

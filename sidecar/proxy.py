@@ -29,7 +29,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -107,6 +107,28 @@ def _mapped(exc: BaseException, metrics: Metrics | None) -> UpstreamError:
         kind, error = "connect_error", UpstreamUnavailable()
     _count(metrics, kind)
     return error
+
+
+async def _relay(request: web.Request, response: web.StreamResponse,
+                 chunks: AsyncIterator[bytes]) -> web.StreamResponse:
+    """The upstream's response head, then its body chunk by chunk as it arrives, to the
+    client (both upstream clients)."""
+    try:
+        with upstream_errors(None, request):
+            await response.prepare(request)
+            async for chunk in chunks:
+                await response.write(chunk)
+    except ClientClosed:
+        info_of(request).outcome = Outcome.CLIENT_CLOSED
+        return response
+    except UpstreamError as exc:
+        # Headers are out; cutting the connection is the only honest signal left.
+        log.warning("upstream body interrupted: %s", _cause(exc))
+        if request.transport is not None:
+            request.transport.close()
+        return response
+    await response.write_eof()
+    return response
 
 
 def _count(metrics: Metrics | None, status_class: str) -> None:
@@ -322,22 +344,7 @@ class Forwarder:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             response.headers.extend(downstream_response_headers(upstream.headers))
             info_of(request).stamp(response.headers)  # X-Request-Id, RateLimit-*
-            await response.prepare(request)
-            try:
-                with upstream_errors(None, request):
-                    async for chunk in upstream.content.iter_any():
-                        await response.write(chunk)
-            except ClientClosed:
-                info_of(request).outcome = Outcome.CLIENT_CLOSED
-                return response
-            except UpstreamError as exc:
-                # Headers are out; cutting the connection is the only honest signal left.
-                log.warning("upstream body interrupted: %s", _cause(exc))
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            await response.write_eof()
-        return response
+            return await _relay(request, response, upstream.content.iter_any())
 
     async def _lean(self, request: web.Request, pool: UpstreamPool, target: str,
                     headers: CIMultiDict[str]) -> web.StreamResponse:
@@ -393,22 +400,7 @@ class Forwarder:
                 return web.Response(status=conn.status, reason=reason, body=whole,
                                     headers=headers)
             response = web.StreamResponse(status=conn.status, reason=reason, headers=headers)
-            try:
-                with upstream_errors(None, request):
-                    await response.prepare(request)
-                    async for chunk in conn.body():
-                        await response.write(chunk)
-            except ClientClosed:
-                info_of(request).outcome = Outcome.CLIENT_CLOSED
-                return response
-            except UpstreamError as exc:
-                # Headers are out; cutting the connection is the only honest signal left.
-                log.warning("upstream body interrupted: %s", _cause(exc))
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            await response.write_eof()
-            return response
+            return await _relay(request, response, conn.body())
         finally:
             if sender is not None and not sender.done():
                 # The upstream answered before the upload was whole: the connection is closed

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import asyncpg
@@ -149,20 +149,40 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-def start_postgres() -> PostgresServer:
+S = TypeVar("S")
+
+
+def started(setup: Callable[[], S]) -> S:
+    """A server from `setup`, or a skip (a failure in CI) when its binaries are missing."""
     try:
-        return PostgresServer().setup()
+        return setup()
     except ServerUnavailable as exc:
         unavailable(str(exc))
         raise
+
+
+def start_postgres() -> PostgresServer:
+    return started(lambda: PostgresServer().setup())
 
 
 def start_redis() -> RedisServer:
+    return started(lambda: RedisServer().setup())
+
+
+class _Destroyable(Protocol):
+    def destroy(self) -> None: ...
+
+
+D = TypeVar("D", bound=_Destroyable)
+
+
+def running(setup: Callable[[], D]) -> Iterator[D]:
+    """For session fixtures: the server `setup` starts, destroyed when the run ends."""
+    server = started(setup)
     try:
-        return RedisServer().setup()
-    except ServerUnavailable as exc:
-        unavailable(str(exc))
-        raise
+        yield server
+    finally:
+        server.destroy()
 
 
 @pytest.fixture(scope="session")
@@ -209,65 +229,37 @@ def pg_replicated() -> Iterator[tuple[PostgresServer, PostgresStandby]]:
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisClusterServers]:
     """A Redis Cluster of 3 masters, formed once per run (it takes seconds)."""
-    try:
-        servers = RedisClusterServers().setup()
-    except ServerUnavailable as exc:
-        unavailable(str(exc))
-        raise
-    try:
-        yield servers
-    finally:
-        servers.destroy()
+    yield from running(lambda: RedisClusterServers().setup())
 
 
 @pytest.fixture(scope="session")
 def redis_sentinel() -> Iterator[RedisSentinelServers]:
     """A master, a replica and a Sentinel, once per run; a test may fail the master over
     (ask `master_port()` where it is now)."""
-    try:
-        servers = RedisSentinelServers().setup()
-    except ServerUnavailable as exc:
-        unavailable(str(exc))
-        raise
-    try:
-        yield servers
-    finally:
-        servers.destroy()
+    yield from running(lambda: RedisSentinelServers().setup())
 
 
 @pytest.fixture(scope="session")
 def redis_tls() -> Iterator[RedisTlsServer]:
     """Redis with a mutual-TLS port (certificates made at start), once per run."""
-    try:
+    def setup() -> RedisTlsServer:
         server = RedisTlsServer()
         server.setup()
-    except ServerUnavailable as exc:
-        unavailable(str(exc))
-        raise
-    try:
-        yield server
-    finally:
-        server.destroy()
+        return server
+
+    yield from running(setup)
 
 
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
     """A Postgres of this test's own, which it may stop and start."""
-    server = start_postgres()
-    try:
-        yield server
-    finally:
-        server.destroy()
+    yield from running(lambda: PostgresServer().setup())
 
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A Redis of this test's own, which it may stop and start."""
-    server = start_redis()
-    try:
-        yield server
-    finally:
-        server.destroy()
+    yield from running(lambda: RedisServer().setup())
 
 
 @dataclass

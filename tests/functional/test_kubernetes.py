@@ -265,18 +265,28 @@ def test_strict_validation_refuses_unknown_fields() -> None:
 # tempfile would try (TMPDIR unset as in the pod, then /tmp, /var/tmp, /usr/tmp and the working
 # directory) is a read-only mount, as on a read-only root filesystem; with "emptydir" a
 # writable tmpfs is mounted at /tmp, as the manifest's emptyDir volume is. Nothing outside
-# this namespace is touched (private propagation, fresh tmpfs mounts only).
+# this namespace is touched (private propagation, fresh tmpfs mounts only). The checkout and
+# the virtualenv may themselves sit under /tmp (a CI clone): each directory named after the
+# mode is bind-mounted back at its own path over the new /tmp, through a stash on /var/tmp.
 READ_ONLY_ROOT = r"""
 set -e
 mode=$1; shift
-for d in /var/tmp /usr/tmp; do
-  if [ -d "$d" ]; then mount -t tmpfs -o ro,size=4k tmpfs "$d"; fi
+mount -t tmpfs -o size=64k tmpfs /var/tmp
+keep=""
+while [ "$1" != -- ]; do
+  case "$1" in /tmp/*)
+    n=$(echo "$keep" | wc -w); mkdir "/var/tmp/$n"; mount --bind "$1" "/var/tmp/$n"
+    keep="$keep $1";;
+  esac
+  shift
 done
-if [ "$mode" = emptydir ]; then
-  mount -t tmpfs -o size=64m,mode=1777 tmpfs /tmp
-else
-  mount -t tmpfs -o ro,size=4k tmpfs /tmp
-fi
+shift
+if [ -d /usr/tmp ]; then mount -t tmpfs -o ro,size=4k tmpfs /usr/tmp; fi
+mount -t tmpfs -o size=64m,mode=1777 tmpfs /tmp
+n=0
+for d in $keep; do mkdir -p "$d"; mount --bind "/var/tmp/$n" "$d"; n=$((n + 1)); done
+if [ "$mode" != emptydir ]; then mount -o remount,ro /tmp; fi
+mount -o remount,ro /var/tmp
 cd /tmp
 exec "$@"
 """
@@ -290,11 +300,13 @@ def read_only_root(mode: str) -> list[str]:
     command = [unshare, "--mount", "--propagation", "private"]
     if os.geteuid() != 0:
         command[1:1] = ["--user", "--map-root-user"]
-    probe = subprocess.run([*command, "sh", "-c", READ_ONLY_ROOT, "sh", mode, "true"],
+    keep = [str(ROOT), sys.prefix, "--"]
+    script = [*command, "sh", "-c", READ_ONLY_ROOT, "sh", mode, *keep]
+    probe = subprocess.run([*script, sys.executable, "-c", "import sidecar"],
                            capture_output=True, text=True, timeout=30)
     if probe.returncode != 0:
         unavailable(f"cannot make a private mount namespace: {probe.stderr.strip()}")
-    return [*command, "sh", "-c", READ_ONLY_ROOT, "sh", mode]
+    return script
 
 
 def pod_like_env(db: Db, upstream: Any, port: int, ops_port: int) -> dict[str, str]:

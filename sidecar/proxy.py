@@ -118,6 +118,7 @@ async def _relay(request: web.Request, response: web.StreamResponse,
             await response.prepare(request)
             async for chunk in chunks:
                 await response.write(chunk)
+            await response.write_eof()
     except ClientClosed:
         info_of(request).outcome = Outcome.CLIENT_CLOSED
         return response
@@ -127,7 +128,6 @@ async def _relay(request: web.Request, response: web.StreamResponse,
         if request.transport is not None:
             request.transport.close()
         return response
-    await response.write_eof()
     return response
 
 
@@ -394,6 +394,11 @@ class Forwarder:
             reason = conn.reason or None
             whole = conn.buffered_whole()
             if whole is not None:
+                if method != "HEAD":
+                    # The length of what is sent, computed by aiohttp from the body, never
+                    # the upstream's claim: a body that disagreed would spill onto the
+                    # client's next response.
+                    headers.popall("Content-Length", None)
                 # The whole response is in: answered as a plain Response, which aiohttp writes
                 # head and body in one write (Content-Length set from the body unless the
                 # upstream's is kept; none for HEAD, 204 and 304).

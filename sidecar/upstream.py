@@ -18,8 +18,10 @@ Rules that hold here:
    CR or LF in any of them is refused, so nothing can be smuggled into the head.
 3. Response framing is llhttp's, strict: Content-Length together with Transfer-Encoding, a
    bad chunk, a bad status line are errors (`BadUpstreamResponse`: 502 before the head, a cut
-   client connection after). Interim 1xx responses are skipped, trailers dropped; a 101 is an
-   error (no upgrade is ever asked for here). A response read until close is whole only when
+   client connection after), and so are a status outside 100-599 and an interim response
+   that announces a body. Interim 1xx responses are skipped, trailers dropped; a 101 is an
+   error (no upgrade is ever asked for here). A response already whole when its head is read
+   goes to the client with the length of the bytes sent, never the upstream's claim. A response read until close is whole only when
    the upstream closes cleanly. A response to HEAD has no body whatever its headers say; its
    connection is closed afterwards (llhttp cannot be told the request was HEAD).
 4. Bounded memory: reading from the upstream pauses while more than `HIGH_WATER` bytes of
@@ -53,6 +55,9 @@ KEEPALIVE_TIMEOUT = 30.0
 
 _BODY_METHODS_WITHOUT_CL = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Interim statuses llhttp reads without a body whatever their headers say; any other 1xx would
+# have its announced body read (and must not have one).
+_BODYLESS_INTERIM = frozenset({100, 102, 103})
 
 
 class UpstreamProtocolError(OSError):
@@ -116,6 +121,8 @@ class UpstreamConnection(asyncio.Protocol):
     # --- one exchange ------------------------------------------------------------------
 
     def _start(self, *, head_request: bool) -> None:
+        if getattr(self, "_reading_paused", False):
+            self._resume_reading()
         self._parser = httptools.HttpResponseParser(self)
         self.head_request = head_request
         self.status = 0
@@ -135,6 +142,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._stalled_bytes = 0
         self._header_bytes = 0
         self._progress = False
+        # Why the response is invalid, found inside a parser callback (which must not raise):
+        # failed in data_received once the parser returns.
+        self._bad: str | None = None
 
     def begin(self, head: bytes, *, head_request: bool) -> None:
         """Start an exchange: write the request head (the body follows with `write`)."""
@@ -165,6 +175,9 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError:
             self._fail(BadUpstreamResponse("invalid HTTP response"))
             return
+        if self._bad is not None:
+            self._fail(BadUpstreamResponse(self._bad))
+            return
         # Bytes that completed nothing (an unfinished head, an endless trailer line, which
         # httptools accumulates) are counted across reads, so what they hold stays under the
         # bound plus one read; a head that arrived in one read is counted by on_header.
@@ -185,8 +198,12 @@ class UpstreamConnection(asyncio.Protocol):
         return None  # close the transport; connection_lost decides what it meant
 
     def connection_lost(self, exc: Exception | None) -> None:
+        closed_by_us = self.closed
         self.closed = True
-        if (exc is None and self.head_done and not self.message_done and self._until_close):
+        # Read until close: whole only when the upstream closed cleanly (rule 3), never when we
+        # closed it ourselves (a failed exchange, the client's upload broke).
+        if (exc is None and not closed_by_us and self.head_done and not self.message_done
+                and self._until_close):
             self.message_done = True  # read until close, and it closed cleanly (rule 3)
             self.keep_alive = False
         elif not self.message_done and self.exc is None:
@@ -209,7 +226,9 @@ class UpstreamConnection(asyncio.Protocol):
     # --- httptools callbacks -----------------------------------------------------------
 
     def on_status(self, reason: bytes) -> None:
-        self.reason = reason.decode("utf-8", "surrogateescape")
+        # Called once per fragment when the status line spans reads; counted like a header.
+        self._header_bytes += len(reason)
+        self.reason += reason.decode("utf-8", "surrogateescape")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.head_done:  # trailers (after the body) are dropped
@@ -232,17 +251,29 @@ class UpstreamConnection(asyncio.Protocol):
         if self.head_done:
             return  # the head of an unasked-for second response (on_message_begin)
         status = self._parser.get_status_code()
+        if not 100 <= status <= 599:
+            self._bad = "status code out of range"
+            return
         if 100 <= status < 200:
-            self._interim = True  # skipped; its on_message_complete resets what it set
+            # Skipped; its on_message_complete resets what it set. An interim response has no
+            # body: one that announces a body would have it read as part of the final one.
+            self._interim = True
+            if status not in _BODYLESS_INTERIM and any(
+                    name.lower() in ("content-length", "transfer-encoding")
+                    for name, _ in self._raw_headers):
+                self._bad = "interim response with a body"
             return
         self.status = status
         headers = CIMultiDict(self._raw_headers)
         self.headers = CIMultiDictProxy(headers)
         self.keep_alive = self._parser.should_keep_alive()
         no_body = self.head_request or status in (204, 304)
-        codings = ",".join(headers.getall("Transfer-Encoding", ())).lower().rstrip(" \t,")
+        # Chunked is the final coding or the body runs until close (llhttp's rule; a coding
+        # such as "x-chunked" is not chunked).
+        codings = ",".join(headers.getall("Transfer-Encoding", ())).lower().split(",")
+        final_coding = codings[-1].strip(" \t") if codings else ""
         self._until_close = (not no_body and "Content-Length" not in headers
-                             and not codings.endswith("chunked"))
+                             and final_coding != "chunked")
         self.head_done = True
         if self.head_request:
             # No body follows, whatever the headers say; llhttp would wait for one.
@@ -251,7 +282,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._progress = True
-        if not self.message_done:
+        if self.head_done and not self._interim and not self.message_done:
             self._chunks.append(body)
             self._buffered += len(body)
 
@@ -271,7 +302,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.exc is None:
             self.exc = exc
         self.keep_alive = False
-        self.close()
+        self.close(hard=True)
         self._wake()
 
     def abort(self, exc: BaseException) -> None:
@@ -279,10 +310,21 @@ class UpstreamConnection(asyncio.Protocol):
         cut connection, never a request that looks whole."""
         self._fail(exc)
 
-    def close(self) -> None:
+    def close(self, *, hard: bool = False) -> None:
+        """Close the connection; `hard` drops what is still buffered for the upstream at once
+        (a failed exchange: nothing of it needs to arrive, and a peer that stopped reading must
+        not hold the socket)."""
         self.closed = True
         if self.transport is not None:
-            self.transport.close()
+            if hard:
+                self.transport.abort()
+            else:
+                self.transport.close()
+
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -317,6 +359,8 @@ class UpstreamConnection(asyncio.Protocol):
         data = b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
+        if self._reading_paused:
+            self._resume_reading()
         return data
 
     def body(self) -> AsyncIterator[bytes]:
@@ -330,9 +374,8 @@ class UpstreamConnection(asyncio.Protocol):
                 data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
                 chunks.clear()
                 self._buffered = 0
-                if self._reading_paused and self.transport is not None and not self.closed:
-                    self._reading_paused = False
-                    self.transport.resume_reading()
+                if self._reading_paused:
+                    self._resume_reading()
                 yield data
                 continue
             if self.message_done:
@@ -417,7 +460,8 @@ class UpstreamPool:
             conn.park()
             self._idle.append(conn)
         else:
-            conn.close()
+            # Half-done exchanges are cut at once (rule 1); whole ones just say goodbye.
+            conn.close(hard=not (conn.message_done and conn.body_sent and conn.exc is None))
 
     def close(self) -> None:
         for conn in self._idle:

@@ -211,6 +211,21 @@ async def test_connection_close_and_read_until_close(
         assert (r.status, r.body) == (200, b"part one, part two")
     assert until_close.connections == 2  # never reused
 
+    # Chunked only as the final coding: "x-chunked" is some other coding, so the body runs
+    # until close (llhttp's reading), and a clean close ends it.
+    other_coding = raw_upstream(lambda _: None)
+
+    async def x_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: x-chunked\r\n\r\nall of it")
+        await writer.drain()
+        writer.close()
+
+    other_coding.server = await asyncio.start_server(x_chunked, "127.0.0.1", 0)
+    sc3 = await make_sidecar(upstream_url=f"http://127.0.0.1:{other_coding.port}")
+    r = await get(sc3, token)
+    assert (r.status, r.body) == (200, b"all of it")
+
 
 async def test_interim_responses_are_skipped(
     make_sidecar: SidecarFactory, db: Db, raw_upstream: Callable[[Answer], RawUpstream]
@@ -234,7 +249,15 @@ async def test_interim_responses_are_skipped(
     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
     b"SSH-2.0-OpenSSH_9.6\r\n",
-], ids=["cl-and-te", "two-cl", "bad-status", "bad-chunk-size", "upgrade", "not-http"])
+    # An interim response that announces a body: read as part of the final response, it
+    # would spill a whole forged response onto the client's keep-alive connection.
+    b"HTTP/1.1 199 X\r\nContent-Length: 57\r\n\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Evil: 1\r\n\r\nsmuggled"
+    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 099 X\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 999 X\r\nContent-Length: 0\r\n\r\n",
+], ids=["cl-and-te", "two-cl", "bad-status", "bad-chunk-size", "upgrade", "not-http",
+        "interim-with-body", "status-below-100", "status-above-599"])
 async def test_invalid_responses_are_502_and_the_connection_is_dropped(
     make_sidecar: SidecarFactory, db: Db, raw_upstream: Callable[[Answer], RawUpstream],
     reply: bytes,

@@ -21,9 +21,10 @@ Rules that hold here:
    client connection after), and so are a status outside 100-599 and an interim response
    that announces a body. Interim 1xx responses are skipped, trailers dropped; a 101 is an
    error (no upgrade is ever asked for here). A response already whole when its head is read
-   goes to the client with the length of the bytes sent, never the upstream's claim. A response read until close is whole only when
-   the upstream closes cleanly. A response to HEAD has no body whatever its headers say; its
-   connection is closed afterwards (llhttp cannot be told the request was HEAD).
+   goes to the client with the length of the bytes sent, never the upstream's claim. A
+   response read until close is whole only when the upstream closes cleanly. A response to
+   HEAD has no body whatever its headers say; its connection is closed afterwards (llhttp
+   cannot be told the request was HEAD).
 4. Bounded memory: reading from the upstream pauses while more than `HIGH_WATER` bytes of
    body wait for the client; a response head, or bytes that complete nothing (a trailer
    line), over `MAX_HEAD_BYTES` are an error; writing the request body waits for the socket

@@ -154,6 +154,8 @@ def create_app(
     listen = PostgresSubscription(
         listen_dsn(settings), settings.notify_channel, on_notify, on_notify_reconnect,
         timeout=settings.database_timeout, notify=self_test_notify, metrics=metrics)
+    if store.fence is not None:
+        store.fence.listening = listen.connected.is_set  # replica_fence rule 5
     limiter = RateLimiter(
         per_token=settings.rate_limit,
         per_tenant=settings.tenant_rate_limit,

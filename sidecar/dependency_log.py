@@ -49,10 +49,10 @@ def scrub(text: str) -> str:
 
 def describe(exc: BaseException) -> str:
     """The error class and the driver's message, one line, bounded and scrubbed (rules 1, 2)."""
-    message = " ".join(str(exc).split())
+    # Scrubbed before it is cut: a secret that straddles the cut would no longer match.
+    message = scrub(" ".join(str(exc).split()))
     if len(message) > MAX_MESSAGE:
         message = message[:MAX_MESSAGE] + "..."
-    message = scrub(message)
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 

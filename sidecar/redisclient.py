@@ -40,7 +40,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
-from redis.exceptions import ReadOnlyError, RedisError
+from redis.exceptions import ReadOnlyError, RedisClusterException, RedisError
 from redis.retry import Retry
 
 from sidecar.breaker import CircuitBreaker
@@ -48,6 +48,11 @@ from sidecar.metrics import Metrics
 
 if TYPE_CHECKING:
     from sidecar.settings import Settings
+
+# What "Redis could not answer" looks like from redis-py. The cluster client's own failures
+# (no node reachable, a slot no node covers) are not RedisErrors.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    TimeoutError, RedisError, RedisClusterException, OSError)
 
 log = logging.getLogger("sidecar.redis")
 
@@ -225,7 +230,7 @@ class GuardedRedis:
             try:
                 async with asyncio.timeout(PING_TIMEOUT * 2):
                     address = await pool.sentinel_manager.discover_master(pool.service_name)
-            except (TimeoutError, RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 reason = self.describe(exc)
                 if reason != lost:
                     log.warning("redis sentinels cannot name the master: %s", reason)
@@ -279,7 +284,7 @@ class GuardedRedis:
             return None
         try:
             result = await fn()
-        except (TimeoutError, RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             await self._failed(op, exc)
             return None
         except asyncio.CancelledError:
@@ -313,7 +318,7 @@ class GuardedRedis:
         try:
             async with asyncio.timeout(PING_TIMEOUT):
                 return bool(await self.client.ping())
-        except (TimeoutError, RedisError, OSError):
+        except REDIS_ERRORS:
             return False
 
     async def probe(self) -> bool:

@@ -14,6 +14,9 @@ Rules that hold here:
 3. Whenever changes may have been missed (at start, after a LISTEN gap, a change of every
    row, or more fenced tokens than `max_tokens`), everything is fenced, the same way.
 4. Any error keeps the fences up: when in doubt, the primary answers.
+5. While LISTEN is not verified delivering (`listening`), no change is heard: the replica
+   answers nothing, everything is fenced, and the position it must reach is read only once
+   LISTEN hears again (a position read earlier would miss changes made in between).
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ MAX_TOKENS = 100_000
 
 class ReplicaFence:
     def __init__(self, primary_lsn: Lsn, replica_lsn: Lsn, *,
-                 max_tokens: int = MAX_TOKENS, poll_interval: float = POLL_INTERVAL) -> None:
+                 max_tokens: int = MAX_TOKENS, poll_interval: float = POLL_INTERVAL,
+                 listening: Callable[[], bool] = lambda: True) -> None:
+        self.listening = listening
         self._primary_lsn = primary_lsn
         self._replica_lsn = replica_lsn
         self.max_tokens = max_tokens
@@ -58,6 +63,10 @@ class ReplicaFence:
 
     def allows(self, digest: str) -> bool:
         """The replica may answer a lookup of this token."""
+        if not self.listening():  # rule 5
+            if self._all is None or self._all >= 0:
+                self.everything()
+            return False
         return self._all is None and digest not in self._tokens
 
     @property
@@ -97,6 +106,8 @@ class ReplicaFence:
             await asyncio.sleep(self.poll_interval)
 
     async def _step(self) -> None:
+        if not self.listening():
+            return  # rule 5: a position read now could precede changes nobody heard
         upto = self._seq
         if (self._all is not None and self._all < 0) or any(
                 at < 0 for at in self._tokens.values()):

@@ -66,6 +66,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.QueryCanceledError,
+    # Raised by the client itself, e.g. TargetServerAttributeNotMatched: a multi-host URL with
+    # target_session_attrs=read-write during a failover, while no host is the primary yet.
+    asyncpg.exceptions.InternalClientError,
     StoreUnavailable,
 )
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)

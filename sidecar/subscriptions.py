@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import asyncpg
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from sidecar.backoff import Backoff
 from sidecar.dependency_log import DependencyState
@@ -316,7 +316,7 @@ class RedisSubscriber(_Subscription):
         generation = self.redis.generation
         try:
             pubsub = await self.redis.pubsub()
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             raise SubscriptionLost(self.redis.describe(exc)) from None
         try:
             await pubsub.subscribe(self.channel)
@@ -331,8 +331,8 @@ class RedisSubscriber(_Subscription):
                 data = msg.get("data")
                 if isinstance(data, bytes | str):
                     await self.on_message(data.decode() if isinstance(data, bytes) else data)
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             raise SubscriptionLost(self.redis.describe(exc)) from None
         finally:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(RedisError, RedisClusterException, OSError):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]

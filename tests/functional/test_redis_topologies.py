@@ -14,8 +14,12 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
 
 from sidecar.app import METRICS
+from sidecar.metrics import Metrics
+from sidecar.rediscache import RedisCache
+from sidecar.redisclient import GuardedRedis, Topology, connect
 from tests.conftest import Db, Sidecar, SidecarFactory
 from tests.functional.test_ops import run_cli
 from tests.helpers import listening, sample, status, within
@@ -27,6 +31,7 @@ from tests.servers import (
     RedisSentinelServers,
     RedisServer,
     RedisTlsServer,
+    free_port,
     redis_cli,
 )
 
@@ -418,3 +423,17 @@ def test_serve_with_good_url_still_starts_checks() -> None:
     assert res.returncode == 0, res.stderr
     assert "p%40ss" not in res.stdout
 
+
+
+async def test_unreachable_cluster_reads_as_no_redis_never_an_error() -> None:
+    # The cluster client's own failures (no node answers) are not RedisErrors: they must still
+    # read as "Redis could not answer" (a cache miss, a probe that says no), never escape.
+    metrics = Metrics(CollectorRegistry(), multiprocess_dir=None, scopes=frozenset({"app"}))
+    guarded = GuardedRedis(connect(f"redis://127.0.0.1:{free_port()}/0", 0.5,
+                                   Topology(mode="cluster")), metrics)
+    try:
+        assert await RedisCache(guarded).get("0" * 64) is None
+        assert not await guarded.probe()
+        assert sample(metrics, "sidecar_redis_errors_total", {"op": "get"}) == 1
+    finally:
+        await guarded.aclose()

@@ -68,6 +68,7 @@ UNUSABLE_RETRY = 5.0
 # Self-test payloads start with this: a JSON object, where the triggers send JSON arrays.
 SELF_TEST_PREFIX = '{"sidecar_self_test":'
 Notify = Callable[[str, str], Awaitable[None]]
+_LOST = ""  # queued when the LISTEN connection terminates (no NOTIFY is handled after it)
 
 
 def is_self_test(payload: str) -> bool:
@@ -178,7 +179,13 @@ class PostgresSubscription(_Subscription):
         queue: asyncio.Queue[str] = asyncio.Queue()
         lost = asyncio.Event()
         try:
-            conn.add_termination_listener(lambda _c: lost.set())
+            def terminated(_conn: object) -> None:
+                lost.set()
+                # Wakes the loop at once (it may be waiting on the queue for seconds): a lost
+                # LISTEN must stop counting as connected now, not at the next health check.
+                queue.put_nowait(_LOST)
+
+            conn.add_termination_listener(terminated)
             if await conn.fetchval("SELECT pg_is_in_recovery()", timeout=self.timeout):
                 raise ListenUnusable(
                     "the LISTEN connection reaches a standby (pg_is_in_recovery() is true), "
@@ -268,6 +275,8 @@ class PostgresSubscription(_Subscription):
             batch = [payload]
             while len(batch) < MAX_BATCH and not queue.empty():
                 batch.append(queue.get_nowait())
+            # What arrived before the connection was lost is still handled; then the loop ends.
+            batch = [p for p in batch if p != _LOST]
             if any(is_self_test(p) for p in batch):  # rule 5
                 if probe in batch and deadline is not None:
                     deadline = None

@@ -335,3 +335,23 @@ async def test_revocation_right_after_a_long_outage_takes_under_a_second(
         return await status(http, sc, "outage-token") == 401
 
     await within(1.0, refused)
+
+
+async def test_a_lost_listen_stops_counting_as_connected_at_once(
+    make_sidecar: SidecarFactory, db: Db, upstream: Any,
+) -> None:
+    # The loop may be waiting on its queue for the whole health interval (2 s); the connection's
+    # end must wake it, or LISTEN reads "connected" (readyz, the token filter, the replica
+    # fence) while nothing is heard.
+    sc = await make_sidecar(upstream_url=str(upstream.make_url("")))
+    await listening(sc)
+    listen = sc.app[SUBSCRIPTIONS][0]
+    await db.conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE application_name = 'apikey-sidecar-listen'")
+
+    async def lost() -> bool:
+        return not listen.connected.is_set()
+
+    await within(0.5, lost)
+    await listening(sc)  # and it comes back

@@ -133,6 +133,8 @@ def create_app(
     )
     invalidator = Invalidator(authenticator, redis, settings.scopes, metrics,
                               counts_broadcasts=worker == 0, on_change=store.changed)
+    if guarded is not None:
+        guarded.on_master_moved = invalidator.shared_lost
     rebuild = asyncio.Event()  # the token filter is rebuilt after a LISTEN gap
 
     async def on_notify(payloads: list[str]) -> None:

@@ -66,6 +66,11 @@ class Invalidator:
             return  # rule 5: another worker counts it
         self.metrics.invalidations.labels(source=source).inc(amount)
 
+    def shared_lost(self) -> None:
+        """Redis itself may have lost invalidations (a Sentinel failover): L2 entries written
+        before now are re-checked on Postgres."""
+        self._shared_missed()
+
     def _shared_missed(self) -> None:
         self.auth.distrust_shared_before(time.time())
 

@@ -207,6 +207,9 @@ class GuardedRedis:
         self._reason = ""  # the last error logged (rule 5)
         self._probe = self.script("probe", _PROBE)
         self.generation = 0  # changes when the master moved (rule 6)
+        # Told when the master moved: deletes sent to the demoted master, or acknowledged by it
+        # and never replicated, are lost, so entries written before may be stale (rule 6).
+        self.on_master_moved: Callable[[], None] | None = None
         self._pubsub_turn = -1
         self._watch: asyncio.Task[None] | None = None
 
@@ -245,6 +248,8 @@ class GuardedRedis:
                 # compared with what this watch knew, so the move is logged either way.
                 log.warning("redis master moved (sentinel failover): now %s:%s", *address)
                 self.generation += 1
+                if self.on_master_moved is not None:
+                    self.on_master_moved()
                 # Connections to the old master are closed when next taken or released.
                 pool.master_address = address
             known = address

@@ -18,9 +18,9 @@ import pytest
 
 from sidecar.app import METRICS
 from sidecar.subscriptions import SELF_TEST_PREFIX
-from tests.conftest import Db, SidecarFactory, unavailable
+from tests.conftest import Db, SidecarFactory, running
 from tests.helpers import listening, sample, status, within
-from tests.servers import PostgresServer, ServerUnavailable, free_port
+from tests.servers import PostgresServer, free_port
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -78,15 +78,7 @@ def test_multi_host_and_tls_urls_stay_valid() -> None:
 
 @pytest.fixture
 def password_postgres() -> Iterator[PostgresServer]:
-    try:
-        server = PostgresServer(password="right-Pw-7731").setup()
-    except ServerUnavailable as exc:
-        unavailable(str(exc))
-        raise
-    try:
-        yield server
-    finally:
-        server.destroy()
+    yield from running(lambda: PostgresServer(password="right-Pw-7731").setup())
 
 
 async def test_wrong_password_is_logged_with_the_drivers_message_not_the_password(

@@ -17,31 +17,19 @@ import pytest
 
 from sidecar.app import SUBSCRIPTIONS
 from sidecar.subscriptions import PostgresSubscription
-from tests.conftest import SCHEMA, SidecarFactory, start_postgres, unavailable
+from tests.conftest import SCHEMA, SidecarFactory, running, started
 from tests.helpers import listening, status, within
-from tests.servers import PG_PASSWORD, PgBouncerServer, PostgresServer, ServerUnavailable
+from tests.servers import PG_PASSWORD, PgBouncerServer, PostgresServer
 
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[PostgresServer]:
-    server = start_postgres()
-    try:
-        yield server
-    finally:
-        server.destroy()
+    yield from running(lambda: PostgresServer().setup())
 
 
 @pytest.fixture(scope="module")
 def pgbouncer(backend: PostgresServer) -> Iterator[PgBouncerServer]:
-    try:
-        server = PgBouncerServer(backend, pool_mode="transaction").start()
-    except ServerUnavailable as exc:
-        unavailable(str(exc))
-        raise
-    try:
-        yield server
-    finally:
-        server.destroy()
+    yield from running(lambda: PgBouncerServer(backend, pool_mode="transaction").start())
 
 
 async def test_transaction_pooling_with_statement_cache_off_and_direct_listen(
@@ -139,12 +127,8 @@ async def test_listen_through_session_pooling_is_verified(
         await conn.execute(SCHEMA)
     finally:
         await conn.close()
-    try:
-        session = await asyncio.to_thread(
-            lambda: PgBouncerServer(backend, pool_mode="session").start())
-    except ServerUnavailable as exc:
-        unavailable(str(exc))
-        raise
+    session = await asyncio.to_thread(
+        started, lambda: PgBouncerServer(backend, pool_mode="session").start())
     try:
         sc = await make_sidecar(database_url=session.dsn)
         await listening(sc)

@@ -13,6 +13,7 @@ import inspect
 import io
 import os
 import secrets
+import shutil
 import sys
 import threading
 import time
@@ -147,6 +148,15 @@ def unavailable(reason: str) -> None:
     if IN_CI:
         pytest.fail(f"required test server unavailable in CI: {reason}")
     pytest.skip(reason)
+
+
+def required_tool(name: str, install: str) -> str:
+    """The path of a command-line tool the test needs: a skip without it (a failure in CI)."""
+    path = shutil.which(name)
+    if path is None:
+        unavailable(f"{name} not installed ({install})")
+        raise AssertionError("unreachable")
+    return path
 
 
 S = TypeVar("S")

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.conftest import SidecarFactory, unavailable
+from tests.conftest import SidecarFactory, required_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -37,11 +37,7 @@ def rules() -> list[dict[str, Any]]:
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        unavailable("promtool not installed (Debian package prometheus)")
-        raise AssertionError("unreachable")
-    return path
+    return required_tool("promtool", "Debian package prometheus")
 
 
 def run_promtool(*args: str) -> subprocess.CompletedProcess[str]:

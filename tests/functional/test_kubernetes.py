@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 import yaml
 
 from sidecar.app import FINAL_FLUSH_TIMEOUT
-from tests.conftest import Db, unavailable
+from tests.conftest import Db, required_tool, unavailable
 from tests.servers import free_port
 from tests.workers import serve_workers, workers_env
 
@@ -37,11 +36,7 @@ Doc = dict[str, Any]
 
 
 def kubectl() -> str:
-    path = shutil.which("kubectl")
-    if path is None:
-        unavailable("kubectl not installed")
-        raise AssertionError("unreachable")
-    return path
+    return required_tool("kubectl", "kubectl ships Kustomize")
 
 
 def render(directory: Path) -> list[Doc]:
@@ -208,10 +203,7 @@ def test_prometheusrule_carries_alerts_yml(tmp_path: Path) -> None:
     rule = one(render(KUBERNETES), "PrometheusRule")
     assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"], (
         "regenerate deploy/kubernetes/base/prometheusrule.yaml (command in its header)")
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        unavailable("promtool not installed (Debian package prometheus)")
-        return
+    promtool = required_tool("promtool", "Debian package prometheus")
     rules_file = tmp_path / "rules.yml"
     rules_file.write_text(yaml.safe_dump(rule["spec"]))
     res = subprocess.run([promtool, "check", "rules", str(rules_file)], capture_output=True,
@@ -293,10 +285,7 @@ exec "$@"
 
 
 def read_only_root(mode: str) -> list[str]:
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        unavailable("unshare (util-linux) not installed")
-        raise AssertionError("unreachable")
+    unshare = required_tool("unshare", "Debian package util-linux")
     command = [unshare, "--mount", "--propagation", "private"]
     if os.geteuid() != 0:
         command[1:1] = ["--user", "--map-root-user"]

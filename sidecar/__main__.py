@@ -13,7 +13,6 @@ import signal
 import sys
 import uuid
 from collections.abc import Sequence
-from typing import Any
 
 import asyncpg
 from aiohttp import web
@@ -67,10 +66,10 @@ def raise_fd_limit(connections: int) -> None:
 
 
 async def _serve(settings: Settings, *, reuse_port: bool = False, worker: int = 0) -> None:
-    from sidecar.app import METRICS, create_app, create_ops_app
+    from sidecar.app import METRICS, create_app, create_main_runner, create_ops_app
     from sidecar.eventloop import resolve
-    from sidecar.logs import access_logger_class, stdout_access_log
-    from sidecar.server import ConnectionLimits, SidecarRunner, ops_limits
+    from sidecar.logs import stdout_access_log
+    from sidecar.server import SidecarRunner, ops_limits
     from sidecar.sockets import BindError, bind
 
     try:
@@ -83,20 +82,11 @@ async def _serve(settings: Settings, *, reuse_port: bool = False, worker: int = 
 
     app = create_app(settings, worker=worker)
     access_log = stdout_access_log(settings.access_log)
-    logging_kwargs: dict[str, Any] = (
-        {"access_log": None} if access_log is None
-        else {"access_log_class": access_logger_class(access_log)})
     metrics = app[METRICS]
     raise_fd_limit(settings.max_client_connections + OPS_MAX_CONNECTIONS)
-    limits = ConnectionLimits(
-        header_timeout=settings.client_header_timeout,
-        keepalive_timeout=settings.keepalive_timeout,
-        body_timeout=settings.client_body_timeout,
-        max_connections=settings.max_client_connections,
-        max_header_bytes=settings.max_header_bytes, listener="main", metrics=metrics)
-    runner = SidecarRunner(app, metrics=metrics, limits=limits,
-                           shutdown_timeout=settings.shutdown_grace,
-                           handle_signals=False, **logging_kwargs)
+    runner = create_main_runner(app, settings, access_log,
+                                shutdown_timeout=settings.shutdown_grace,
+                                handle_signals=False)
     await runner.setup()
     # sidecar_requests_total counts the main listener's requests only; the ops listener's
     # refused connections are counted under their own label.

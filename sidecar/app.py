@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -23,10 +24,11 @@ from prometheus_client import CollectorRegistry
 from sidecar.auth import Authenticator, CachePolicy, LockPolicy
 from sidecar.cache import LocalCache
 from sidecar.decision import DECISION_ROUTE, make_decision_handler
-from sidecar.gate import Gate, make_proxy_handler, not_found
+from sidecar.gate import Gate, Handler, make_proxy_handler, not_found
 from sidecar.invalidation import Invalidator
 from sidecar.last_used import DeferredPostgresWriter, LastUsedQueue
 from sidecar.last_used_handoff import RedisLastUsedHandoff
+from sidecar.logs import AccessLog, access_logger_class
 from sidecar.metrics import Metrics
 from sidecar.ops import build_ops_app
 from sidecar.proxy import Forwarder, UpstreamLimits
@@ -35,6 +37,7 @@ from sidecar.readiness import Readiness
 from sidecar.rediscache import PUBSUB_CHANNEL, RedisCache
 from sidecar.redisclient import GuardedRedis, connect, topology_of
 from sidecar.routing import Router
+from sidecar.server import ConnectionLimits, SidecarRunner
 from sidecar.settings import Settings, listen_dsn
 from sidecar.store import PostgresTokenStore
 from sidecar.subscriptions import PostgresSubscription, RedisSubscriber
@@ -52,6 +55,7 @@ LAST_USED = web.AppKey("sidecar.last_used", LastUsedQueue)
 # Only in proxy mode.
 FORWARDER = web.AppKey("sidecar.forwarder", Forwarder)
 OPS_APP = web.AppKey("sidecar.ops_app", web.Application)
+DECISION_HANDLER: web.AppKey[Handler] = web.AppKey("sidecar.decision_handler")
 STORE = web.AppKey("sidecar.store", PostgresTokenStore)
 SUBSCRIPTIONS = web.AppKey("sidecar.subscriptions", list[PostgresSubscription | RedisSubscriber])
 
@@ -248,13 +252,34 @@ def create_app(
 
     app.cleanup_ctx.extend([store_ctx, redis_ctx, subscriptions_ctx, forwarder_ctx,
                             last_used_ctx])
-    app.router.add_route("*", DECISION_ROUTE, gate.handler(
-        make_decision_handler(gate, trusted_peers_only=forwarder is not None)))
+    decision = gate.handler(make_decision_handler(gate, trusted_peers_only=forwarder is not None))
+    app[DECISION_HANDLER] = decision  # also the decision fast path's (sidecar.fastpath)
+    app.router.add_route("*", DECISION_ROUTE, decision)
     app.router.add_route("*", "/{tail:.*}",
                          gate.handler(make_proxy_handler(gate, forwarder) if forwarder
                                       else not_found),
                          expect_handler=Forwarder.defer_continue, name=UPSTREAM_ROUTE)
     return app
+
+
+def create_main_runner(app: web.Application, settings: Settings, access_log: AccessLog | None,
+                       **kwargs: Any) -> SidecarRunner:
+    """The runner of the main listener: the connection bounds of SPEC 15, the access log, and
+    the decision fast path unless SIDECAR_DECISION_FAST_PATH is off."""
+    limits = ConnectionLimits(
+        header_timeout=settings.client_header_timeout,
+        keepalive_timeout=settings.keepalive_timeout,
+        body_timeout=settings.client_body_timeout,
+        max_connections=settings.max_client_connections,
+        max_header_bytes=settings.max_header_bytes, listener="main", metrics=app[METRICS])
+    if access_log is None:
+        kwargs["access_log"] = None
+    else:
+        kwargs["access_log_class"] = access_logger_class(access_log)
+    return SidecarRunner(
+        app, metrics=app[METRICS], limits=limits,
+        fast_handler=app[DECISION_HANDLER] if settings.decision_fast_path else None,
+        fast_access_log=access_log, **kwargs)
 
 
 def create_ops_app(main: web.Application) -> web.Application:

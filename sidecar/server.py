@@ -40,6 +40,8 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from sidecar.fastpath import FastPath, Handler
+from sidecar.logs import AccessLog
 from sidecar.metrics import NO_SCOPE_LABEL, Metrics
 from sidecar.outcomes import Outcome
 
@@ -117,8 +119,9 @@ class _SidecarRequestHandler(RequestHandler):
     # Rule 6
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         limits = self.limits
-        assert self._manager is not None
-        if limits is not None and len(self._manager.connections) >= limits.max_connections:
+        manager = self._manager
+        assert isinstance(manager, _SidecarServer)
+        if limits is not None and manager.open_connections() >= limits.max_connections:
             self._refused = True
             limits.refused()
             if isinstance(transport, asyncio.Transport):
@@ -246,22 +249,47 @@ class _SidecarRequestHandler(RequestHandler):
 class _SidecarServer(Server):
     metrics: Metrics | None = None
     limits: ConnectionLimits | None = None
+    fast: FastPath | None = None
 
-    def __call__(self) -> RequestHandler:
+    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]
+        # A new connection starts on the decision fast path when there is one; it hands
+        # the connection to `make_handler()` at the first request it does not answer.
+        return self.fast() if self.fast is not None else self.make_handler()
+
+    def make_handler(self) -> RequestHandler:
         handler = _SidecarRequestHandler(self, loop=self._loop, **self._kwargs)
         handler.metrics = self.metrics
         handler.limits = self.limits
         return handler
 
+    def open_connections(self) -> int:
+        """Connections of this listener, aiohttp's and the fast path's (rule 6)."""
+        return len(self._connections) + (len(self.fast.connections) if self.fast else 0)
+
+    def pre_shutdown(self) -> None:
+        super().pre_shutdown()
+        if self.fast is not None:
+            self.fast.close_idle()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's)
+        if self.fast is None:
+            await super().shutdown(timeout)
+            return
+        await asyncio.gather(super().shutdown(timeout), self.fast.shutdown(timeout))
+
 
 class SidecarRunner(web.AppRunner):
-    """An AppRunner whose connections answer parser errors by rule 1."""
+    """An AppRunner whose connections answer parser errors by rule 1, and start on the
+    decision fast path (`sidecar.fastpath`) when given its handler."""
 
     def __init__(self, app: web.Application, *, metrics: Metrics | None = None,
-                 limits: ConnectionLimits | None = None, **kwargs: Any) -> None:
+                 limits: ConnectionLimits | None = None, fast_handler: Handler | None = None,
+                 fast_access_log: AccessLog | None = None, **kwargs: Any) -> None:
         super().__init__(app, **({**limits.handler_args(), **kwargs} if limits else kwargs))
         self._metrics = metrics
         self._limits = limits
+        self._fast_handler = fast_handler
+        self._fast_access_log = fast_access_log
 
     async def _make_server(self) -> Server:
         server = await super()._make_server()
@@ -271,4 +299,9 @@ class SidecarRunner(web.AppRunner):
         assert isinstance(server, _SidecarServer)
         server.metrics = self._metrics
         server.limits = self._limits
+        if self._fast_handler is not None and self._limits is not None:
+            server.fast = FastPath(
+                self._fast_handler, limits=self._limits, access_log=self._fast_access_log,
+                handoff=server.make_handler, open_connections=server.open_connections,
+                client_max_size=self._app._client_max_size)
         return server

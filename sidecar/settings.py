@@ -232,6 +232,9 @@ class Settings(BaseSettings):
 
     # Performance
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    # Plain bodyless decision requests answered without aiohttp's per-request machinery
+    # (sidecar.fastpath); off: every request goes through aiohttp.
+    decision_fast_path: bool = True
 
     @field_validator(*_TEXT_PARSERS, mode="before")
     @classmethod

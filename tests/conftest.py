@@ -30,6 +30,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 
 from tests.servers import (
     PostgresServer,
@@ -360,6 +361,20 @@ async def upstream() -> AsyncIterator[TestServer]:
     await server.close()
 
 
+class MainListener(TestServer):
+    """The main listener as `sidecar serve` runs it (`create_main_runner`: connection bounds,
+    the decision fast path), the access log off."""
+
+    def __init__(self, app: web.Application, settings: Any) -> None:
+        super().__init__(app, host="127.0.0.1")
+        self.settings = settings
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        from sidecar.app import create_main_runner
+
+        return create_main_runner(self.app, self.settings, None, **kwargs)
+
+
 @dataclass
 class Sidecar:
     main: TestServer
@@ -391,7 +406,7 @@ async def make_sidecar(db: Db) -> AsyncIterator[SidecarFactory]:
         overrides.setdefault("last_used_min_age", 0)
         settings = load_settings(**overrides)
         app = create_app(settings)
-        main = TestServer(app, host="127.0.0.1")
+        main = MainListener(app, settings)
         await main.start_server()
         ops = TestServer(create_ops_app(app), host="127.0.0.1")
         await ops.start_server()

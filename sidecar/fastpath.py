@@ -98,6 +98,8 @@ class FastPath:
         self.open_connections = open_connections
         self.client_max_size = client_max_size
         self.connections: set[FastConnection] = set()
+        # Requests being answered, also those whose client has gone (rule 5 waits for them).
+        self.tasks: set[asyncio.Task[None]] = set()
         self.closing = False
         self.answered = 0  # requests answered here, not by aiohttp (for tests and debugging)
 
@@ -113,9 +115,8 @@ class FastPath:
     async def shutdown(self, grace: float | None) -> None:
         """Rule 5: wait for requests being answered, then cancel what is left."""
         self.close_idle()
-        tasks = [c.task for c in self.connections if c.task is not None]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=grace)
+        if self.tasks:
+            _, pending = await asyncio.wait(set(self.tasks), timeout=grace)
             for task in pending:
                 task.cancel()
             if pending:
@@ -146,6 +147,7 @@ class FastConnection(asyncio.Protocol):
         # Rule 4: one timer; it re-arms itself when the deadline moved since it was set.
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._requests = 0
         # The head being parsed.
         self._url = b""
@@ -184,9 +186,7 @@ class FastConnection(asyncio.Protocol):
         # its response is dropped and its access line still written.
 
     def data_received(self, data: bytes) -> None:
-        if not self._buffer and self.task is None:
-            # The first byte of a next request: its head has the header timeout from now.
-            self._set_deadline(self._fast.limits.header_timeout)
+        starting = not self._buffer
         self._buffer += data
         if self.task is not None:
             if len(self._buffer) > MAX_WAITING and not self._paused and self.transport:
@@ -194,6 +194,10 @@ class FastConnection(asyncio.Protocol):
                 self.transport.pause_reading()
             return
         self._next()
+        if starting and self._buffer and self.task is None and not self._handed_off:
+            # The first bytes of a head that is not whole yet: it has the header timeout
+            # from now. (A whole head, the usual case, needs no timer at all.)
+            self._set_deadline(self._fast.limits.header_timeout)
 
     def eof_received(self) -> bool | None:
         self._eof = True
@@ -248,7 +252,9 @@ class FastConnection(asyncio.Protocol):
         del buffer[:end + 4]
         self._requests += 1
         self._deadline = 0.0  # no timeout while a request is answered
-        self.task = self._loop.create_task(self._answer(message))
+        task = self.task = self._loop.create_task(self._answer(message))
+        self._fast.tasks.add(task)
+        task.add_done_callback(self._fast.tasks.discard)
 
     def _parse(self, head: bytes) -> RawRequestMessage | None:
         """The head as aiohttp would have parsed it, or None if it is not for this path."""
@@ -356,9 +362,17 @@ class FastConnection(asyncio.Protocol):
             self.transport.abort()
 
     def _set_deadline(self, seconds: float) -> None:
-        self._deadline = self._loop.time() + seconds
-        if self._timer is None:
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+        deadline = self._deadline = self._loop.time() + seconds
+        # A later deadline is left to the armed timer, which re-arms itself when it fires;
+        # an earlier one needs a timer of its own.
+        if self._timer is None or deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._arm(deadline)
+
+    def _arm(self, at: float) -> None:
+        self._timer_at = at
+        self._timer = self._loop.call_at(at, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -366,7 +380,7 @@ class FastConnection(asyncio.Protocol):
             return  # closed, or a request is being answered
         now = self._loop.time()
         if now < self._deadline:
-            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+            self._arm(self._deadline)
             return
         self.transport.close()  # sidecar.server rule 3, or the keep-alive timeout
 

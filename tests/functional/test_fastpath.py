@@ -229,3 +229,25 @@ async def test_shutdown_closes_idle_fast_connections(make_sidecar: SidecarFactor
     assert time.monotonic() - started < 5
     assert not fast.connections
     writer.close()
+
+
+async def test_a_later_unfinished_head_has_the_header_timeout_not_the_keep_alive(
+        make_sidecar: SidecarFactory, db: Db) -> None:
+    sc = await make_sidecar(scope_routes=ROUTES, keepalive_timeout=30,
+                            client_header_timeout=0.5)
+    token, _ = await db.add_token("app")
+    request = head("/_sidecar/auth", f"Authorization: Bearer {token}", "X-Original-URI: /v1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.main.port)
+    try:
+        writer.write(request)
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        # Idle past the first header deadline: the connection's timer now waits for the
+        # keep-alive deadline, 30 s away.
+        await asyncio.sleep(1.0)
+        writer.write(request[:20])  # a next request that never finishes its head
+        started = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert time.monotonic() - started < 5  # the header timeout, far below keep-alive's
+    finally:
+        writer.close()

@@ -12,7 +12,7 @@ and the latency probe run on CPU 1:
                               upstream every proxy below forwards to
     naive forwarder           40 lines: aiohttp ClientSession + StreamResponse
     sidecar decision          `sidecar serve` decision-only, `/_sidecar/auth` on a cached token
-    decision, no fast path    the same with SIDECAR_DECISION_FAST_PATH=false (aiohttp answers)
+    decision (no fast path)    the same with SIDECAR_DECISION_FAST_PATH=false (aiohttp answers)
     sidecar proxy             `sidecar serve` with SIDECAR_UPSTREAM_URL, cached token
     nginx auth_request        the shipped deploy/nginx template: nginx asks the sidecar
                               decision, then proxies to the upstream
@@ -348,7 +348,7 @@ def report(targets: dict[str, Target], loop: str, args: argparse.Namespace) -> N
         ("proxy / naive forwarder", "sidecar proxy", "naive forwarder", 1.5),
         ("auth_request / proxy_pass", "nginx auth_request", "nginx proxy_pass", 0.5),
     ]
-    fast_gain = ratio("sidecar decision", "decision, no fast path", "cpu")
+    fast_gain = ratio("sidecar decision", "decision (no fast path)", "cpu")
     if fast_gain is not None:
         print(f"  {'fast path / no fast path':28} x{fast_gain:.2f} by CPU  (the decision fast "
               "path's own effect)")
@@ -488,7 +488,7 @@ def main() -> None:
                 *me, "--serve", "naive", "--port", str(naive_port), "--upstream", upstream]))
             decision = sidecar("sidecar decision", dsn, tmp / "decision.log")
             # The same, every request through aiohttp: what the fast path is worth.
-            slow = sidecar("decision, no fast path", dsn, tmp / "decision-slow.log",
+            slow = sidecar("decision (no fast path)", dsn, tmp / "decision-slow.log",
                            decision_fast_path="false")
             proxy = sidecar("sidecar proxy", dsn, tmp / "proxy.log", upstream=upstream)
             procs += [decision, slow, proxy]
@@ -500,8 +500,8 @@ def main() -> None:
                 "sidecar decision": Target("sidecar decision", decision.port, "GET",
                                            "/_sidecar/auth", dict(DECISION_HEADERS),
                                            pids=(decision_pid,)),
-                "decision, no fast path": Target(
-                    "decision, no fast path", slow.port, "GET", "/_sidecar/auth",
+                "decision (no fast path)": Target(
+                    "decision (no fast path)", slow.port, "GET", "/_sidecar/auth",
                     dict(DECISION_HEADERS), pids=(sidecar_pid(slow),)),
                 "naive forwarder": Target("naive forwarder", naive_port,
                                           pids=(naive_pid, up_pid)),

@@ -399,13 +399,10 @@ def _serialise(response: web.StreamResponse, keep_alive: bool) -> tuple[bytes, b
         keep_alive = False
     status = response.status
     headers = response.headers
+    if "Content-Length" in headers:
+        del headers["Content-Length"]  # set below, from the body
     lines = [f"HTTP/1.1 {status} {response.reason}"]
-    for name, value in headers.items():
-        if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-            # aiohttp refuses such a header too: a value must never split the response.
-            raise ValueError("newline in a response header")
-        if name.lower() != "content-length":
-            lines.append(f"{name}: {value}")
+    lines += [f"{name}: {value}" for name, value in headers.items()]
     if status in _NO_BODY_STATUS or status < 200:
         body = b""
     else:
@@ -418,6 +415,10 @@ def _serialise(response: web.StreamResponse, keep_alive: bool) -> tuple[bytes, b
         lines.append(f"Server: {SERVER_SOFTWARE}")
     if not keep_alive and "Connection" not in headers:
         lines.append("Connection: close")
+    fields = "".join(lines[1:])  # every name and value, nothing between them
+    if "\n" in fields or "\r" in fields:
+        # aiohttp refuses such a header too: a value must never split the response.
+        raise ValueError("newline in a response header")
     lines.append("\r\n")
     return "\r\n".join(lines).encode() + body, keep_alive
 

@@ -21,10 +21,12 @@ from tests.conftest import Db
 from tests.servers import free_port, wait_port
 
 
-async def _serve_and_stop(db: Db, upstream: Any, token: str, requests: int,
-                          **settings: str) -> tuple[int, list[dict[str, Any]], str]:
-    """Start `sidecar serve`, send `requests` allowed requests and one refused, SIGTERM at
-    once, and return the exit code, the access lines and the whole output."""
+async def _serve_and_stop(db: Db, upstream: Any, token: str, requests: int, *,
+                          decision: bool = False, **settings: str
+                          ) -> tuple[int, list[dict[str, Any]], str]:
+    """Start `sidecar serve`, send `requests` allowed requests and one refused (proxied, or
+    asked of the decision endpoint as nginx does), SIGTERM at once, and return the exit
+    code, the access lines and the whole output."""
     port, ops_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("SIDECAR_") and k != "PROMETHEUS_MULTIPROC_DIR"}
@@ -39,13 +41,15 @@ async def _serve_and_stop(db: Db, upstream: Any, token: str, requests: int,
         try:
             await asyncio.to_thread(wait_port, port)
             async with aiohttp.ClientSession() as http:
-                for i in range(requests):
-                    async with http.get(f"http://127.0.0.1:{port}/a?n={i}",
-                                        headers={"Authorization": f"Bearer {token}"}) as r:
-                        assert r.status == 200
-                async with http.get(f"http://127.0.0.1:{port}/a",
-                                    headers={"Authorization": "Bearer app-wrong"}) as r:
-                    assert r.status == 401
+                for i in range(requests + 1):
+                    given = token if i < requests else "app-wrong"
+                    headers = {"Authorization": f"Bearer {given}"}
+                    url = f"http://127.0.0.1:{port}/a?n={i}"
+                    if decision:
+                        headers["X-Original-URI"] = f"/a?n={i}"
+                        url = f"http://127.0.0.1:{port}/_sidecar/auth"
+                    async with http.get(url, headers=headers) as r:
+                        assert r.status == (200 if i < requests else 401)
         finally:
             # Right after the last answer: its line is still in the buffer (the timer is
             # 0.2 s), so only the shutdown flush can have written it.
@@ -58,14 +62,16 @@ async def _serve_and_stop(db: Db, upstream: Any, token: str, requests: int,
     return rc, access, output
 
 
-async def test_every_line_is_written_by_sigterm(db: Db, upstream: Any) -> None:
+@pytest.mark.parametrize("decision", [False, True], ids=["proxy", "decision-fast-path"])
+async def test_every_line_is_written_by_sigterm(db: Db, upstream: Any, decision: bool) -> None:
     token, token_id = await db.add_token("app")
     started = time.time()
-    rc, access, output = await _serve_and_stop(db, upstream, token, 300)
+    rc, access, output = await _serve_and_stop(db, upstream, token, 300, decision=decision)
     assert rc == 0, output
     assert len(access) == 301, output[-2000:]
     allowed = [doc for doc in access if doc["outcome"] == "allowed"]
-    assert [doc["path"] for doc in allowed] == ["/a"] * 300
+    assert [doc["judged_path"] for doc in allowed] == ["/a"] * 300
+    assert {doc["path"] for doc in allowed} == {"/_sidecar/auth" if decision else "/a"}
     assert {doc["token_id"] for doc in allowed} == {token_id}
     assert access[-1]["status"] == 401
     assert access[-1]["outcome"] == "unauthorized"

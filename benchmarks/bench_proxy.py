@@ -12,7 +12,7 @@ and the latency probe run on CPU 1:
                               upstream every proxy below forwards to
     naive forwarder           40 lines: aiohttp ClientSession + StreamResponse
     sidecar decision          `sidecar serve` decision-only, `/_sidecar/auth` on a cached token
-    decision (no fast path)    the same with SIDECAR_DECISION_FAST_PATH=false (aiohttp answers)
+    decision (no fast path)   the same with SIDECAR_DECISION_FAST_PATH=false (aiohttp answers)
     sidecar proxy             `sidecar serve` with SIDECAR_UPSTREAM_URL, cached token
     nginx auth_request        the shipped deploy/nginx template: nginx asks the sidecar
                               decision, then proxies to the upstream

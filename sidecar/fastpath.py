@@ -26,7 +26,9 @@ Rules that hold here:
 4. The bounds of `sidecar.server` hold here too: the connection cap counts these connections,
    a head must be complete within the header timeout (from the connection's start or the
    first byte of a later request), an idle connection is closed after the keep-alive timeout,
-   and an unfinished head over `max_header_bytes` goes to aiohttp, which answers 431.
+   and an unfinished head over `MAX_HEAD` goes to aiohttp, which answers 431 beyond
+   `max_header_bytes`. After a hand-over aiohttp's own deadlines start over, so a head has at
+   most twice the header timeout.
 5. Shutdown: idle connections are closed at once. A request being answered finishes within
    the grace, with `Connection: close`; past it, its task is cancelled and the connection
    closed.

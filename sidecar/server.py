@@ -21,7 +21,8 @@ block as a whole; the handler here adds them:
 5. Body stall: while a handler runs and its body is unfinished, a body that sends nothing for
    `body_timeout` is failed (the reader raises, so an upstream request streaming it is
    aborted: the upstream never sees it complete) and the connection closes.
-6. Cap: a connection beyond `max_connections` is aborted at once, counted in
+6. Cap: a connection beyond `max_connections` (aiohttp's and the decision fast path's
+   together, `sidecar.fastpath`) is aborted at once, counted in
    `sidecar_client_connections_refused_total`, and logged at most once per 10 s.
 """
 

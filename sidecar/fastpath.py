@@ -12,7 +12,9 @@ Rules that hold here:
    (up to its first CRLF CRLF) is given to the parser at a time, so where one request ends is
    never a guess. The head must be at most `MAX_HEAD` bytes and `MAX_FIELDS` fields (within
    aiohttp's own line and field limits), every line must end in CRLF, no line may be folded,
-   and it may carry no Content-Length, Transfer-Encoding, Upgrade or Expect. The method must
+   it must have one Host and no second copy of a field aiohttp allows once, and it may carry
+   no Content-Length, Transfer-Encoding, Upgrade or Expect. Values lose their trailing
+   spaces and tabs, as in aiohttp. The method must
    not be HEAD or CONNECT, and the target must be plain characters under `/_sidecar/auth`
    (no `%`, `//`, `/.`, `#`). Anything else, a parser error included, is aiohttp's: the
    connection is handed over before any byte of that request is answered, so every framing,
@@ -22,7 +24,9 @@ Rules that hold here:
    of the aiohttp path. Its response is serialised as aiohttp serialises a `web.Response`
    (Content-Length, Content-Type for a body, Date, Server, `Connection: close` when closing).
 3. A connection's requests are answered in order, one at a time. Bytes that arrive meanwhile
-   wait; past `MAX_WAITING` bytes, reading pauses.
+   wait; past `MAX_WAITING` bytes, reading pauses. One difference from aiohttp remains, by
+   design: a request answered here is answered even when the bytes after it are malformed or
+   the client half-closes (aiohttp, reading ahead, drops it).
 4. The bounds of `sidecar.server` hold here too: the connection cap counts these connections,
    a head must be complete within the header timeout (from the connection's start or the
    first byte of a later request), an idle connection is closed after the keep-alive timeout,
@@ -65,7 +69,12 @@ MAX_FIELDS = 128  # aiohttp's max_headers
 MAX_WAITING = 64 * 1024  # bytes of later requests held while one is answered
 # The decision endpoint and its `/...` tail, in plain characters only, and an optional query.
 _TARGET_RE = re.compile(rb"/_sidecar/auth(?:/[A-Za-z0-9_~!$&'()*+,;=:@./-]*)?(?:\?[^#]*)?")
-_REFUSED_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"upgrade", b"expect"})
+_REFUSED_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"upgrade", b"expect",
+                             b"sec-websocket-key1"})
+# Fields aiohttp refuses to see twice (its SINGLETON_HEADERS); Host must be there once.
+_SINGLE_FIELDS = frozenset({b"content-location", b"content-range", b"content-type", b"etag",
+                            b"host", b"max-forwards", b"server", b"user-agent"})
+_OWS = b" \t"
 _REFUSED_METHODS = frozenset({b"HEAD", b"CONNECT"})
 _HEAD_END = b"\r\n\r\n"
 _NO_BODY_STATUS = frozenset({204, 304})
@@ -99,6 +108,9 @@ class FastPath:
         # The listener's open connections, these and aiohttp's (rule 4: the cap).
         self.open_connections = open_connections
         self.client_max_size = client_max_size
+        # An unfinished head longer than this goes to aiohttp, which applies its own limits
+        # (sidecar.server rule 4: 431 beyond max_header_bytes).
+        self.max_unfinished = min(MAX_HEAD, limits.max_header_bytes)
         self.connections: set[FastConnection] = set()
         # Requests being answered, also those whose client has gone (rule 5 waits for them).
         self.tasks: set[asyncio.Task[None]] = set()
@@ -124,7 +136,7 @@ class FastPath:
             if pending:
                 await asyncio.wait(pending, timeout=1.0)
         for conn in list(self.connections):
-            conn.abort()
+            conn.abort_unless_closing()
 
 
 class FastConnection(asyncio.Protocol):
@@ -243,8 +255,11 @@ class FastConnection(asyncio.Protocol):
         if end < 0:
             # Over MAX_HEAD: aiohttp answers 431 once it is over max_header_bytes. A bare LF:
             # a head that may end without CRLF CRLF, aiohttp's to judge.
-            if len(buffer) > MAX_HEAD or buffer.count(b"\n") != buffer.count(b"\r\n"):
+            if (len(buffer) > self._fast.max_unfinished
+                    or buffer.count(b"\n") != buffer.count(b"\r\n")):
                 self._hand_off()
+            elif self._eof:
+                transport.close()  # a head that can no longer finish
             return
         head = bytes(buffer[:end + 4])
         message = self._parse(head)
@@ -282,15 +297,26 @@ class FastConnection(asyncio.Protocol):
         if "//" in raw_path or "/." in raw_path:
             return None  # the router would read a normalised path: aiohttp's case
         headers: CIMultiDict[str] = CIMultiDict()
+        raw: list[tuple[bytes, bytes]] = []
+        single: set[bytes] = set()
         for name, value in fields:
-            if name.lower() in _REFUSED_FIELDS:
+            lower = name.lower()
+            if lower in _REFUSED_FIELDS:
                 return None
+            if lower in _SINGLE_FIELDS:
+                if lower in single:
+                    return None  # aiohttp answers 400
+                single.add(lower)
+            value = value.rstrip(_OWS)  # as aiohttp (llhttp drops the leading OWS)
+            raw.append((name, value))
             headers.add(name.decode("utf-8", "surrogateescape"),
                         value.decode("utf-8", "surrogateescape"))
+        if b"host" not in single:
+            return None  # aiohttp answers 400 to an HTTP/1.1 request without Host
         url = URL.build(path=raw_path, query_string=query, encoded=True)
         return RawRequestMessage(
             self._method.decode("ascii"), path, HttpVersion11, CIMultiDictProxy(headers),
-            tuple(fields), not self._keep_alive, None, False, False, url)
+            tuple(raw), not self._keep_alive, None, False, False, url)
 
     async def _answer(self, message: RawRequestMessage) -> None:
         fast = self._fast
@@ -316,9 +342,12 @@ class FastConnection(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
-        if fast.access_log is not None:
-            fast.access_log.log(request, response, time.perf_counter() - started)
         self.task = None
+        if fast.access_log is not None:
+            try:
+                fast.access_log.log(request, response, time.perf_counter() - started)
+            except Exception:  # as aiohttp's log_access: never the connection's problem
+                log.exception("access line not written")
         if transport is None:
             return
         if not keep_alive:
@@ -352,8 +381,8 @@ class FastConnection(asyncio.Protocol):
         data, self._buffer = bytes(self._buffer), bytearray()
         if data:
             handler.data_received(data)
-        if self._eof:
-            handler.eof_received()
+        if self._eof and not handler.eof_received():
+            transport.close()  # what asyncio does when eof_received says so
 
     def close_when_idle(self) -> None:
         if self.task is None and self.transport is not None:
@@ -361,6 +390,11 @@ class FastConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         if self.transport is not None:
+            self.transport.abort()
+
+    def abort_unless_closing(self) -> None:
+        # A connection closing already may still be sending its last response.
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
 
     def _set_deadline(self, seconds: float) -> None:

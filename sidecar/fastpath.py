@@ -44,7 +44,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
@@ -56,13 +56,13 @@ from aiohttp.streams import EMPTY_PAYLOAD
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from sidecar.gate import Handler
+
 if TYPE_CHECKING:
     from sidecar.logs import AccessLog
     from sidecar.server import ConnectionLimits
 
 log = logging.getLogger("sidecar.fastpath")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MAX_HEAD = 8190  # aiohttp's max_line_size and max_field_size: no line of ours can exceed them
 MAX_FIELDS = 128  # aiohttp's max_headers
@@ -158,11 +158,11 @@ class FastConnection(asyncio.Protocol):
         self._eof = False
         self._refused = False
         self._handed_off = False
-        # Rule 4: one timer; it re-arms itself when the deadline moved since it was set.
+        # Rule 4: one timer; it re-arms itself when the deadline moved since it was set, and
+        # does nothing while a request is answered.
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self._requests = 0
         # The head being parsed.
         self._url = b""
         self._fields: list[tuple[bytes, bytes]] = []
@@ -246,10 +246,12 @@ class FastConnection(asyncio.Protocol):
         if transport is None or self.task is not None:
             return
         buffer = self._buffer
-        if not buffer or self._fast.closing:
-            # Shutting down: no next request is started (as aiohttp's close()).
-            if self._eof or self._fast.closing:
-                transport.close()
+        if self._fast.closing or (self._eof and not buffer):
+            # Shutting down, no next request is started (as aiohttp's close()); or the client
+            # is done.
+            transport.close()
+            return
+        if not buffer:
             return
         end = buffer.find(_HEAD_END)
         if end < 0:
@@ -267,8 +269,6 @@ class FastConnection(asyncio.Protocol):
             self._hand_off()
             return
         del buffer[:end + 4]
-        self._requests += 1
-        self._deadline = 0.0  # no timeout while a request is answered
         task = self.task = self._loop.create_task(self._answer(message))
         self._fast.tasks.add(task)
         task.add_done_callback(self._fast.tasks.discard)
@@ -356,9 +356,11 @@ class FastConnection(asyncio.Protocol):
         if self._paused:
             self._paused = False
             transport.resume_reading()
-        self._set_deadline(self._fast.limits.header_timeout if self._buffer
-                           else self._fast.limits.keepalive_timeout)
         self._next()
+        if self.task is None and not self._handed_off:
+            # Waiting: for the rest of a head begun meanwhile, or for a next request.
+            self._set_deadline(self._fast.limits.header_timeout if self._buffer
+                               else self._fast.limits.keepalive_timeout)
 
     # --- handing over, closing, deadlines --------------------------------------------------
 
@@ -412,7 +414,7 @@ class FastConnection(asyncio.Protocol):
 
     def _on_timer(self) -> None:
         self._timer = None
-        if self.transport is None or self._deadline == 0.0:
+        if self.transport is None or self.task is not None:
             return  # closed, or a request is being answered
         now = self._loop.time()
         if now < self._deadline:

@@ -41,7 +41,8 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
-from sidecar.fastpath import FastPath, Handler
+from sidecar.fastpath import FastPath
+from sidecar.gate import Handler
 from sidecar.logs import AccessLog
 from sidecar.metrics import NO_SCOPE_LABEL, Metrics
 from sidecar.outcomes import Outcome

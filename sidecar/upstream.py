@@ -117,12 +117,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self.exc: BaseException | None = None
+        self._reading_paused = False
         self._start(head_request=False)
 
     # --- one exchange ------------------------------------------------------------------
 
     def _start(self, *, head_request: bool) -> None:
-        if getattr(self, "_reading_paused", False):
+        if self._reading_paused:
             self._resume_reading()
         self._parser = httptools.HttpResponseParser(self)
         self.head_request = head_request
@@ -137,7 +138,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._until_close = False
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
-        self._reading_paused = False
         self.received = False
         self.body_sent = False
         self._stalled_bytes = 0

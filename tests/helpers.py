@@ -110,18 +110,37 @@ async def exchange(port: int | None, parts: Sequence[bytes], *, pause: float = 0
                    timeout: float = 10.0) -> RawResponse:
     """Write `parts` (with `pause` seconds between them, so the server sees separate TCP
     segments), read until the server closes, parse the answer."""
+    return parse_response(await exchange_bytes(port, parts, pause=pause, timeout=timeout))
+
+
+async def exchange_bytes(port: int | None, parts: Sequence[bytes], *, pause: float = 0.0,
+                         timeout: float = 10.0, reset_ok: bool = False) -> bytes:
+    """`exchange`'s bytes, unparsed (several responses, for pipelined requests).
+    `reset_ok`: a server that answers and closes before the last part (a 431) resets the
+    connection; what it sent before the reset is still returned."""
     assert port is not None, "server not started"
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    data = b""
     try:
-        for index, part in enumerate(parts):
-            if index and pause:
-                await asyncio.sleep(pause)
-            writer.write(part)
-            await writer.drain()
-        data = await asyncio.wait_for(reader.read(), timeout)
+        try:
+            for index, part in enumerate(parts):
+                if index and pause:
+                    await asyncio.sleep(pause)
+                writer.write(part)
+                await writer.drain()
+        except ConnectionError:
+            if not reset_ok:
+                raise
+        try:
+            async with asyncio.timeout(timeout):
+                while chunk := await reader.read(65536):
+                    data += chunk
+        except ConnectionError:
+            if not reset_ok:
+                raise
     finally:
         writer.close()
-    return parse_response(data)
+    return data
 
 
 async def raw_request(

@@ -10,14 +10,13 @@ other one to aiohttp with its bytes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import pytest
 
 from sidecar.fastpath import FastPath
 from tests.conftest import Db, Sidecar, SidecarFactory
-from tests.helpers import RawResponse, parse_response
+from tests.helpers import RawResponse, exchange_bytes, parse_response
 
 ROUTES = "/v1/datasets=dataset,/=app"
 VARYING = ("Date", "X-Request-Id")
@@ -71,32 +70,19 @@ async def ask_both(pair: tuple[Sidecar, Sidecar], data: bytes, *, pause: float =
                    parts: int = 1) -> tuple[list[RawResponse], list[RawResponse]]:
     size = -(-len(data) // parts)
     chunks = [data[i:i + size] for i in range(0, len(data), size)]
-    answers = []
-    for sc in pair:
-        reader_data = await exchange_raw(sc.main.port, chunks, pause)
-        answers.append(responses(reader_data))
+    answers = [responses(await exchange_bytes(sc.main.port, chunks, pause=pause, reset_ok=True))
+               for sc in pair]
     return answers[0], answers[1]
 
 
-async def exchange_raw(port: int | None, chunks: list[bytes], pause: float) -> bytes:
-    assert port is not None
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        try:
-            for index, chunk in enumerate(chunks):
-                if index and pause:
-                    await asyncio.sleep(pause)
-                writer.write(chunk)
-                await writer.drain()
-        except ConnectionError:
-            pass  # answered and closed before the last bytes (431): read the answer
-        data = b""
-        with contextlib.suppress(ConnectionError):
-            while chunk := await asyncio.wait_for(reader.read(65536), 10):
-                data += chunk
-        return data
-    finally:
-        writer.close()
+async def open_answered(sc: Sidecar, request: bytes
+                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A keep-alive connection whose first request (a decision) was answered 200."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.main.port)
+    writer.write(request)
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    return reader, writer
 
 
 async def test_fast_answers_are_aiohttps_answers(pair: tuple[Sidecar, Sidecar], db: Db) -> None:
@@ -235,11 +221,8 @@ async def test_shutdown_closes_idle_fast_connections(make_sidecar: SidecarFactor
                                                      db: Db) -> None:
     sc = await make_sidecar(scope_routes=ROUTES)
     token, _ = await db.add_token("app")
-    reader, writer = await asyncio.open_connection("127.0.0.1", sc.main.port)
-    writer.write(head("/_sidecar/auth", f"Authorization: Bearer {token}",
-                      "X-Original-URI: /v1"))
-    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    assert answer.startswith(b"HTTP/1.1 200 ")
+    reader, writer = await open_answered(sc, head(
+        "/_sidecar/auth", f"Authorization: Bearer {token}", "X-Original-URI: /v1"))
     fast = fast_path(sc)
     assert len(fast.connections) == 1
     started = time.monotonic()
@@ -256,11 +239,8 @@ async def test_a_later_unfinished_head_has_the_header_timeout_not_the_keep_alive
                             client_header_timeout=0.5)
     token, _ = await db.add_token("app")
     request = head("/_sidecar/auth", f"Authorization: Bearer {token}", "X-Original-URI: /v1")
-    reader, writer = await asyncio.open_connection("127.0.0.1", sc.main.port)
+    reader, writer = await open_answered(sc, request)
     try:
-        writer.write(request)
-        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-        assert answer.startswith(b"HTTP/1.1 200 ")
         # Idle past the first header deadline: the connection's timer now waits for the
         # keep-alive deadline, 30 s away.
         await asyncio.sleep(1.0)

@@ -37,6 +37,7 @@ class RawUpstream:
     received: list[Received] = field(default_factory=list)
     connections: int = 0
     closed: list[int] = field(default_factory=list)  # connections the sidecar closed
+    then_close: bool = False  # close the connection after the first answer
 
     @property
     def port(self) -> int:
@@ -71,6 +72,8 @@ class RawUpstream:
                     return
                 writer.write(reply)
                 await writer.drain()
+                if self.then_close:
+                    return
         except (ConnectionError, asyncio.IncompleteReadError):
             self.closed.append(number)
         finally:
@@ -213,16 +216,10 @@ async def test_connection_close_and_read_until_close(
 
     # Chunked only as the final coding: "x-chunked" is some other coding, so the body runs
     # until close (llhttp's reading), and a clean close ends it.
-    other_coding = raw_upstream(lambda _: None)
-
-    async def x_chunked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: x-chunked\r\n\r\nall of it")
-        await writer.drain()
-        writer.close()
-
-    other_coding.server = await asyncio.start_server(x_chunked, "127.0.0.1", 0)
-    sc3 = await make_sidecar(upstream_url=f"http://127.0.0.1:{other_coding.port}")
+    other_coding = raw_upstream(fixed(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: x-chunked\r\n\r\nall of it"))
+    other_coding.then_close = True
+    sc3 = await proxy_to(other_coding, make_sidecar)
     r = await get(sc3, token)
     assert (r.status, r.body) == (200, b"all of it")
 
@@ -279,17 +276,9 @@ async def test_truncated_body_cuts_the_client_connection(
     make_sidecar: SidecarFactory, db: Db, raw_upstream: Callable[[Answer], RawUpstream]
 ) -> None:
     token, _ = await db.add_token("app")
-    up = raw_upstream(lambda _: None)
-
-    async def short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up.connections += 1
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this")
-        await writer.drain()
-        writer.close()
-
-    up.server = await asyncio.start_server(short, "127.0.0.1", 0)
-    sc = await make_sidecar(upstream_url=f"http://127.0.0.1:{up.port}")
+    up = raw_upstream(fixed(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this"))
+    up.then_close = True
+    sc = await proxy_to(up, make_sidecar)
     reader, writer = await asyncio.open_connection("127.0.0.1", sc.main.port)
     writer.write(f"GET /a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
     data = await asyncio.wait_for(reader.read(), 10)  # until the sidecar closes
